@@ -1,0 +1,3 @@
+from qatserve.cli import main
+
+raise SystemExit(main())
