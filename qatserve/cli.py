@@ -1,0 +1,182 @@
+"""`qatserve` command line: run, inspect, convert.
+
+stdout carries only generated text (or the inspect report); progress and timings go to stderr, so
+`qatserve run -n 32 --temp 0 "prompt"` is scriptable. Every expected failure is one line on stderr
+and a non-zero exit code; no tracebacks for bad files or flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from qatserve import __version__
+from qatserve.errors import QatserveError, RequestError
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", metavar="MODEL.gguf", help="GGUF model file (default: embedded Gemma 3 270M)")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (llama.cpp names and defaults)")
+    g.add_argument("-n", "--n-predict", type=int, default=256, metavar="N", help="tokens to generate (default 256)")
+    g.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=40, help="top-k, 0 = off (default 40)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus, 1.0 = off (default 0.95)")
+    g.add_argument("--min-p", type=float, default=0.05, help="min-p, 0 = off (default 0.05)")
+    g.add_argument("--repeat-penalty", type=float, default=1.0, help="default 1.0 (off)")
+    g.add_argument("--repeat-last-n", type=int, default=64, help="penalty window; -1 = whole context (default 64)")
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("-s", "--seed", type=int, default=None, help="RNG seed (default: random)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qatserve", description="Inference for QAT GGUF language models.")
+    parser.add_argument("--version", action="version", version=f"qatserve {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser("run", help="generate text from a prompt, streamed to stdout")
+    _model_arg(run)
+    _sampling_args(run)
+    run.add_argument("prompt", nargs="?", help="prompt text ('-' reads stdin)")
+    run.add_argument("-p", "--prompt", dest="prompt_opt", metavar="TEXT", help="prompt text (alternative to the positional)")
+    run.add_argument("-f", "--file", metavar="FILE", help="read the prompt from a file")
+    run.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the model's chat template")
+    run.add_argument("-sys", "--system", metavar="TEXT", help="system message (with --chat)")
+    run.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size in tokens (default 4096)")
+    run.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    run.add_argument("--verbose-prompt", action="store_true", help="print the prompt's token ids to stderr")
+
+    ins = sub.add_parser("inspect", help="print a GGUF file's metadata and tensor table")
+    ins.add_argument("path", metavar="MODEL.gguf")
+    ins.add_argument("--check-tensors", action="store_true", help="dequantise every tensor and report NaN/Inf")
+    ins.add_argument("--all-metadata", action="store_true", help="do not shorten long arrays")
+
+    conv = sub.add_parser("convert", help="convert a Hugging Face safetensors checkpoint to GGUF")
+    conv.add_argument("hf_dir", metavar="HF_DIR")
+    conv.add_argument("out", metavar="OUT.gguf")
+    conv.add_argument("--type", default="F32", choices=["F32", "F16", "BF16", "Q8_0", "Q4_0"])
+    return parser
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    given = [x for x in (args.prompt, args.prompt_opt, args.file) if x is not None]
+    if len(given) > 1:
+        raise RequestError("give the prompt once: positional, -p or -f")
+    if args.file is not None:
+        try:
+            return Path(args.file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise RequestError(f"cannot read prompt file {args.file}: {e}") from e
+    text = args.prompt if args.prompt is not None else args.prompt_opt
+    if text == "-" or (text is None and not sys.stdin.isatty()):
+        return sys.stdin.read()
+    if text is None:
+        raise RequestError("no prompt: pass it as an argument, with -p, -f FILE, or on stdin")
+    return text
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from qatserve.engine.generate import Generator
+    from qatserve.engine.loader import load_model_file
+    from qatserve.engine.sampler import SamplingParams
+    from qatserve.formats.chat_template import CHATML_TEMPLATE, default_template, render_chat
+    from qatserve.quant.linear import set_cpu_threads
+
+    prompt_text = _read_prompt(args)
+    params = SamplingParams(
+        temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        seed=args.seed, max_tokens=args.n_predict, stop=tuple(args.stop),
+    )
+    if args.threads is not None and args.threads < 1:
+        raise RequestError(f"--threads must be at least 1, got {args.threads}")
+    set_cpu_threads(args.threads or os.cpu_count() or 1)
+    path = _resolve_model(args.model)
+    loaded = load_model_file(path)
+    if loaded.tokenizer is None:
+        raise RequestError(f"{path}: the file has no tokenizer (tokenizer.ggml.*), so text cannot be generated")
+    tok = loaded.tokenizer
+    print(f"qatserve: loaded {path.name} ({loaded.config.arch}, {loaded.config.n_layer} layers) "
+          f"in {loaded.load_seconds:.2f} s", file=sys.stderr)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": prompt_text})
+        template = tok.chat_template or default_template(loaded.config.arch) or CHATML_TEMPLATE
+        bos = tok.token_piece(tok.bos_id) if tok.bos_id is not None else ""
+        eos = tok.token_piece(tok.eos_id) if tok.eos_id is not None else ""
+        rendered = render_chat(template, messages, add_generation_prompt=True, bos_token=bos, eos_token=eos)
+        # The template writes BOS itself when it wants one; do not add a second.
+        ids = tok.encode(rendered, add_bos=False if bos and rendered.startswith(bos) else None)
+    else:
+        ids = tok.encode(prompt_text)
+    if args.verbose_prompt:
+        print(f"qatserve: prompt tokens {ids}", file=sys.stderr)
+    gen = Generator(loaded.model, tok, n_ctx=args.ctx_size)
+    out = sys.stdout
+    for step in gen.stream(ids, params):
+        if step.text:
+            out.write(step.text)
+            out.flush()
+    out.write("\n")
+    out.flush()
+    t = gen.last.timings if gen.last else None
+    if t is not None:
+        print(f"qatserve: prompt {t.prompt_n} tokens, {t.prompt_per_second:.1f} tok/s | "
+              f"generated {t.predicted_n} tokens, {t.predicted_per_second:.1f} tok/s | "
+              f"stop: {gen.last.finish_reason}", file=sys.stderr)
+    return 0
+
+
+def _resolve_model(model: str | None) -> Path:
+    from qatserve.default_model import default_model_path
+
+    return Path(model) if model else default_model_path()
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from qatserve.inspect_gguf import check_tensors, describe
+    from qatserve.formats.gguf_reader import open_gguf
+
+    with open_gguf(args.path) as f:
+        sys.stdout.write(describe(f, all_metadata=args.all_metadata))
+        if args.check_tensors:
+            bad = check_tensors(f)
+            for line in bad:
+                print(line)
+            print(f"check-tensors: {len(f.tensors) - len(bad)}/{len(f.tensors)} tensors finite")
+            return 1 if bad else 0
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from qatserve.convert.hf_to_gguf import convert
+
+    out = convert(args.hf_dir, args.out, args.type)
+    print(f"qatserve: wrote {out} ({args.type})", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "inspect": cmd_inspect, "convert": cmd_convert}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except QatserveError as e:
+        print(f"qatserve: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("qatserve: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # stdout closed by the reader (e.g. `| head`): not an error of ours.
+        sys.stderr.close()
+        return 0

@@ -1,0 +1,65 @@
+"""Per-sequence contiguous KV cache (float32), grown on demand.
+
+Implements models.common.AttentionCache. One instance holds one sequence; positions of a step must
+be consecutive. Sliding-window layers hand back only the keys a query of this step can still see.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qatserve.config import ModelConfig
+from qatserve.errors import RequestError
+
+
+class ContiguousKVCache:
+    def __init__(self, cfg: ModelConfig, n_ctx: int, dtype: torch.dtype = torch.float32):
+        if n_ctx < 1:
+            raise RequestError(f"context size must be at least 1, got {n_ctx}")
+        self.n_ctx = n_ctx
+        self.dtype = dtype
+        self.shape_k = (cfg.n_head_kv, cfg.head_dim)
+        self.shape_v = (cfg.n_head_kv, cfg.head_dim_v)
+        self.n_layer = cfg.n_layer
+        self.capacity = 0
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.length = 0  # positions [0, length) hold valid entries
+        self._reserve(min(n_ctx, 256))
+
+    def _reserve(self, n: int) -> None:
+        n = min(self.n_ctx, max(n, 2 * self.capacity))
+        if n <= self.capacity:
+            return
+        def grow(old: list[torch.Tensor], shape: tuple[int, int]) -> list[torch.Tensor]:
+            out = []
+            for il in range(self.n_layer):
+                buf = torch.zeros((n, *shape), dtype=self.dtype)
+                if old:
+                    buf[: self.capacity] = old[il][: self.capacity]
+                out.append(buf)
+            return out
+        self.k, self.v = grow(self.k, self.shape_k), grow(self.v, self.shape_v)
+        self.capacity = n
+
+    def bytes_per_token(self) -> int:
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return self.n_layer * elem * (self.shape_k[0] * self.shape_k[1] + self.shape_v[0] * self.shape_v[1])
+
+    def truncate(self, length: int) -> None:
+        """Forget positions >= length (rollback, or reuse of a shared prompt prefix)."""
+        self.length = max(0, min(self.length, length))
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, window: int):
+        p0 = int(positions[0])
+        p1 = p0 + k.shape[0]
+        if p1 > self.n_ctx:
+            raise RequestError(f"context full: position {p1 - 1} does not fit in a context of {self.n_ctx}")
+        if p1 > self.capacity:
+            self._reserve(p1)
+        self.k[layer][p0:p1] = k
+        self.v[layer][p0:p1] = v
+        if layer == self.n_layer - 1:
+            self.length = p1
+        lo = max(0, p0 - window + 1) if window > 0 else 0
+        return self.k[layer][lo:p1], self.v[layer][lo:p1], torch.arange(lo, p1)

@@ -1,0 +1,218 @@
+"""Building blocks shared by the architectures: norms, RoPE, attention, gated MLPs, the cache protocol.
+
+Everything here is plain tensor math. Per-step metadata (positions, the cache) is an explicit argument.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class AttentionCache(Protocol):
+    """What a model needs from a KV cache: store this step's K/V for a layer, get back what to attend to."""
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, window: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store k [T, Hkv, D], v [T, Hkv, Dv] at `positions` [T].
+
+        Returns (keys [S, Hkv, D], values [S, Hkv, Dv], key_positions [S]) covering every position an
+        attention query of this step may see; `window` > 0 lets the cache drop keys older than that.
+        """
+        ...
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim. x [..., n], weight [n] (GGUF stores Gemma's 1 + w already)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+class Rope:
+    """Rotary embedding tables for one (base, freq_scale, dim) triple, grown on demand.
+
+    neox=True rotates the two halves of each head (Gemma, HF layout); neox=False rotates adjacent
+    pairs, which is what llama.cpp's 'norm' RoPE does on llama GGUFs (whose Q/K rows were permuted
+    at conversion so that pairs line up).
+    """
+
+    def __init__(self, dim: int, base: float, freq_scale: float = 1.0, neox: bool = True):
+        self.dim = dim
+        self.neox = neox
+        # llama.cpp computes theta = p * freq_scale * base^(-2i/d) in float32; float64 tables then
+        # rounding to float32 keep us within an ulp of both it and HF.
+        self.inv_freq = freq_scale * base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        self.cos = torch.empty(0, dim // 2)
+        self.sin = torch.empty(0, dim // 2)
+
+    def _grow(self, n: int) -> None:
+        n = max(n, 2 * self.cos.shape[0], 256)
+        angles = torch.arange(n, dtype=torch.float64)[:, None] * self.inv_freq[None, :]
+        self.cos = angles.cos().float()
+        self.sin = angles.sin().float()
+
+    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [T, H, D], positions [T] -> rotated x (only the first `dim` features rotate)."""
+        need = int(positions.max()) + 1
+        if need > self.cos.shape[0]:
+            self._grow(need)
+        cos = self.cos[positions][:, None, :]
+        sin = self.sin[positions][:, None, :]
+        rot, rest = x[..., : self.dim], x[..., self.dim :]
+        if self.neox:
+            a, b = rot.chunk(2, dim=-1)
+            out = torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+        else:
+            pairs = rot.unflatten(-1, (-1, 2))
+            a, b = pairs[..., 0], pairs[..., 1]
+            out = torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)
+        return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    *,
+    scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
+) -> torch.Tensor:
+    """Causal (optionally sliding-window, soft-capped) attention with grouped KV heads.
+
+    q [T, H, D], k [S, Hkv, D], v [S, Hkv, Dv], q_pos [T], k_pos [S] -> [T, H * Dv].
+    A key is visible when k_pos <= q_pos and, with a window, q_pos - k_pos < window (llama.cpp's and
+    HF's rule alike).
+    """
+    T, H, _ = q.shape
+    Hkv = k.shape[1]
+    visible = k_pos[None, :] <= q_pos[:, None]
+    if window > 0:
+        visible &= (q_pos[:, None] - k_pos[None, :]) < window
+    qh = q.transpose(0, 1)  # [H, T, D]
+    kh = k.transpose(0, 1)
+    vh = v.transpose(0, 1)
+    if softcap > 0.0:
+        group = H // Hkv
+        kh = kh.repeat_interleave(group, dim=0)
+        vh = vh.repeat_interleave(group, dim=0)
+        scores = torch.matmul(qh, kh.transpose(1, 2)) * scale
+        scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out = torch.matmul(torch.softmax(scores, dim=-1), vh)
+    else:
+        mask = None if bool(visible.all()) else visible
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
+    return out.transpose(0, 1).reshape(T, -1)
+
+
+def gelu_tanh_glu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """GeGLU with the tanh approximation of GELU (Gemma's gelu_pytorch_tanh)."""
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def silu_glu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU (Llama)."""
+    return F.silu(gate) * up
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap); identity when cap is 0."""
+    return x if cap <= 0.0 else torch.tanh(x / cap) * cap
+
+
+def embed_scale(n_embd: int) -> float:
+    """Gemma multiplies token embeddings by sqrt(n_embd) (in float32, as llama.cpp and HF do)."""
+    return float(torch.tensor(math.sqrt(n_embd), dtype=torch.float32))
+
+
+class SelfAttention(torch.nn.Module):
+    """Project Q/K/V, optional per-head q/k RMSNorm, RoPE, store in the cache, attend, project out."""
+
+    def __init__(
+        self,
+        layer: int,
+        wq: torch.nn.Module,
+        wk: torch.nn.Module,
+        wv: torch.nn.Module,
+        wo: torch.nn.Module,
+        *,
+        n_head: int,
+        n_head_kv: int,
+        head_dim: int,
+        head_dim_v: int,
+        rope: Rope,
+        scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
+        q_norm: torch.Tensor | None = None,
+        k_norm: torch.Tensor | None = None,
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        self.layer = layer
+        self.wq, self.wk, self.wv, self.wo = wq, wk, wv, wo
+        self.n_head, self.n_head_kv = n_head, n_head_kv
+        self.head_dim, self.head_dim_v = head_dim, head_dim_v
+        self.rope = rope
+        self.scale, self.window, self.softcap = scale, window, softcap
+        self.q_norm, self.k_norm, self.norm_eps = q_norm, k_norm, norm_eps
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: AttentionCache) -> torch.Tensor:
+        """x [T, n_embd], positions [T] -> [T, n_embd]."""
+        T = x.shape[0]
+        q = self.wq(x).view(T, self.n_head, self.head_dim)
+        k = self.wk(x).view(T, self.n_head_kv, self.head_dim)
+        v = self.wv(x).view(T, self.n_head_kv, self.head_dim_v)
+        if self.q_norm is not None:
+            q = rms_norm(q, self.q_norm, self.norm_eps)
+        if self.k_norm is not None:
+            k = rms_norm(k, self.k_norm, self.norm_eps)
+        q = self.rope.apply(q, positions)
+        k = self.rope.apply(k, positions)
+        keys, values, k_pos = cache.update(self.layer, k, v, positions, self.window)
+        out = attention(q, keys, values, positions, k_pos, scale=self.scale, window=self.window, softcap=self.softcap)
+        return self.wo(out)
+
+
+class DecoderLM(torch.nn.Module):
+    """The outer loop every decoder here shares: embed, run the blocks, final norm, LM head.
+
+    Architectures subclass it and provide `embed` and `blocks`; logits are computed only for the rows
+    asked for, since the head is the largest matmul of a small model.
+    """
+
+    config: object
+    output_norm: torch.Tensor
+    output: torch.nn.Module
+    norm_eps: float
+    final_softcap: float = 0.0
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor, cache: AttentionCache) -> torch.Tensor:
+        """tokens [T], positions [T] -> final-normed hidden states [T, n_embd]."""
+        h = self.embed(tokens)
+        for block in self.blocks:
+            h = block(h, positions, cache)
+        return rms_norm(h, self.output_norm, self.norm_eps)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: AttentionCache,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        """tokens [T] int64, positions [T] int64 -> logits [T, n_vocab] (all_logits) or [1, n_vocab] (last)."""
+        h = self.hidden_states(tokens, positions, cache)
+        if not all_logits:
+            h = h[-1:]
+        return softcap(self.output(h), self.final_softcap)

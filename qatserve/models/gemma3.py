@@ -1,0 +1,81 @@
+"""Gemma 3 text decoder (GGUF arch `gemma3`).
+
+Per block: RMSNorm -> attention (q/k RMSNorm per head, RoPE with a local base on sliding-window layers
+and a global base, possibly linearly scaled, on the others) -> post-attention RMSNorm -> residual;
+RMSNorm -> GeGLU MLP -> post-MLP RMSNorm -> residual. Embeddings scaled by sqrt(n_embd); the output
+head is tied to the embeddings unless the file has `output.weight`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qatserve.config import ModelConfig
+from qatserve.models.common import AttentionCache, DecoderLM, Rope, SelfAttention, embed_scale, gelu_tanh_glu, rms_norm
+from qatserve.models.weights import WeightLoader
+
+
+class Gemma3Block(torch.nn.Module):
+    def __init__(self, cfg: ModelConfig, w: WeightLoader, il: int, ropes: dict[bool, Rope]):
+        super().__init__()
+        p = f"blk.{il}."
+        e, hd = cfg.n_embd, cfg.head_dim
+        local = cfg.swa_layers[il]
+        self.eps = cfg.norm_eps
+        self.attn_norm = w.vector(p + "attn_norm.weight", e)
+        self.attn = SelfAttention(
+            il,
+            w.linear(p + "attn_q.weight", e, cfg.n_head * hd),
+            w.linear(p + "attn_k.weight", e, cfg.n_head_kv * hd),
+            w.linear(p + "attn_v.weight", e, cfg.n_head_kv * cfg.head_dim_v),
+            w.linear(p + "attn_output.weight", cfg.n_head * cfg.head_dim_v, e),
+            n_head=cfg.n_head,
+            n_head_kv=cfg.n_head_kv,
+            head_dim=hd,
+            head_dim_v=cfg.head_dim_v,
+            rope=ropes[local],
+            scale=cfg.attn_scale,
+            window=cfg.sliding_window if local else 0,
+            softcap=cfg.attn_softcap,
+            q_norm=w.vector(p + "attn_q_norm.weight", hd),
+            k_norm=w.vector(p + "attn_k_norm.weight", hd),
+            norm_eps=cfg.norm_eps,
+        )
+        self.post_attn_norm = w.vector(p + "post_attention_norm.weight", e)
+        self.ffn_norm = w.vector(p + "ffn_norm.weight", e)
+        self.gate = w.linear(p + "ffn_gate.weight", e, cfg.n_ff)
+        self.up = w.linear(p + "ffn_up.weight", e, cfg.n_ff)
+        self.down = w.linear(p + "ffn_down.weight", cfg.n_ff, e)
+        self.post_ffn_norm = w.vector(p + "post_ffw_norm.weight", e)
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, cache: AttentionCache) -> torch.Tensor:
+        a = self.attn(rms_norm(h, self.attn_norm, self.eps), positions, cache)
+        h = h + rms_norm(a, self.post_attn_norm, self.eps)
+        x = rms_norm(h, self.ffn_norm, self.eps)
+        m = self.down(gelu_tanh_glu(self.gate(x), self.up(x)))
+        return h + rms_norm(m, self.post_ffn_norm, self.eps)
+
+
+class Gemma3(DecoderLM):
+    arch = "gemma3"
+
+    def __init__(self, cfg: ModelConfig, w: WeightLoader):
+        super().__init__()
+        self.config = cfg
+        self.norm_eps = cfg.norm_eps
+        self.final_softcap = cfg.final_softcap
+        self.tok_embd = w.embedding("token_embd.weight", cfg.n_vocab, cfg.n_embd)
+        self.scale = embed_scale(cfg.n_embd)
+        ropes = {
+            False: Rope(cfg.rope_dim, cfg.rope_base, cfg.rope_freq_scale, neox=True),
+            True: Rope(cfg.rope_dim, cfg.rope_base_swa, 1.0, neox=True),
+        }
+        self.blocks = torch.nn.ModuleList(Gemma3Block(cfg, w, il, ropes) for il in range(cfg.n_layer))
+        self.output_norm = w.vector("output_norm.weight", cfg.n_embd)
+        if w.has("output.weight"):
+            self.output = w.linear("output.weight", cfg.n_embd, cfg.n_vocab)
+        else:
+            self.output = w.linear("token_embd.weight", cfg.n_embd, cfg.n_vocab)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.tok_embd(tokens) * self.scale

@@ -1,0 +1,66 @@
+"""Llama-family decoder (GGUF arch `llama`: Llama 2/3, SmolLM2, ...).
+
+Pre-norm blocks: RMSNorm -> attention (RoPE) -> residual; RMSNorm -> SwiGLU MLP -> residual.
+llama.cpp's converter permutes Q/K rows so that its 'norm' RoPE (adjacent pairs) applies; we use the
+same pairing. The head is tied to the embeddings when the file has no `output.weight`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qatserve.config import ModelConfig
+from qatserve.models.common import AttentionCache, DecoderLM, Rope, SelfAttention, rms_norm, silu_glu
+from qatserve.models.weights import WeightLoader
+
+
+class LlamaBlock(torch.nn.Module):
+    def __init__(self, cfg: ModelConfig, w: WeightLoader, il: int, rope: Rope):
+        super().__init__()
+        p = f"blk.{il}."
+        e, hd = cfg.n_embd, cfg.head_dim
+        self.eps = cfg.norm_eps
+        self.attn_norm = w.vector(p + "attn_norm.weight", e)
+        self.attn = SelfAttention(
+            il,
+            w.linear(p + "attn_q.weight", e, cfg.n_head * hd),
+            w.linear(p + "attn_k.weight", e, cfg.n_head_kv * hd),
+            w.linear(p + "attn_v.weight", e, cfg.n_head_kv * cfg.head_dim_v),
+            w.linear(p + "attn_output.weight", cfg.n_head * cfg.head_dim_v, e),
+            n_head=cfg.n_head,
+            n_head_kv=cfg.n_head_kv,
+            head_dim=hd,
+            head_dim_v=cfg.head_dim_v,
+            rope=rope,
+            scale=1.0 / math.sqrt(hd),
+            window=cfg.sliding_window,
+        )
+        self.ffn_norm = w.vector(p + "ffn_norm.weight", e)
+        self.gate = w.linear(p + "ffn_gate.weight", e, cfg.n_ff)
+        self.up = w.linear(p + "ffn_up.weight", e, cfg.n_ff)
+        self.down = w.linear(p + "ffn_down.weight", cfg.n_ff, e)
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, cache: AttentionCache) -> torch.Tensor:
+        h = h + self.attn(rms_norm(h, self.attn_norm, self.eps), positions, cache)
+        x = rms_norm(h, self.ffn_norm, self.eps)
+        return h + self.down(silu_glu(self.gate(x), self.up(x)))
+
+
+class Llama(DecoderLM):
+    arch = "llama"
+
+    def __init__(self, cfg: ModelConfig, w: WeightLoader):
+        super().__init__()
+        self.config = cfg
+        self.norm_eps = cfg.norm_eps
+        self.tok_embd = w.embedding("token_embd.weight", cfg.n_vocab, cfg.n_embd)
+        rope = Rope(cfg.rope_dim, cfg.rope_base, cfg.rope_freq_scale, neox=False)
+        self.blocks = torch.nn.ModuleList(LlamaBlock(cfg, w, il, rope) for il in range(cfg.n_layer))
+        self.output_norm = w.vector("output_norm.weight", cfg.n_embd)
+        name = "output.weight" if w.has("output.weight") else "token_embd.weight"
+        self.output = w.linear(name, cfg.n_embd, cfg.n_vocab)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.tok_embd(tokens)
