@@ -125,7 +125,9 @@ class SampleResult:
     top: list[tuple[int, float]]
 
 
-def apply_penalties(logits: torch.Tensor, history: Sequence[int] | torch.Tensor, params: SamplingParams) -> torch.Tensor:
+def apply_penalties(
+    logits: torch.Tensor, history: Sequence[int] | torch.Tensor, params: SamplingParams
+) -> torch.Tensor:
     """Return logits with llama.cpp's penalties applied (a copy; the input is untouched when they apply).
 
     logits: [n_vocab]. The window is the last ``repeat_last_n`` ids of ``history`` (all of it for -1).
@@ -174,7 +176,9 @@ class Sampler:
             token = self._draw(ids, probs)
         return self._result(x, log_z, token)
 
-    def distribution(self, logits: torch.Tensor, history: Sequence[int] | torch.Tensor = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    def distribution(
+        self, logits: torch.Tensor, history: Sequence[int] | torch.Tensor = ()
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The final distribution ``sample`` draws from, for rejection sampling in speculative decoding.
 
         Returns (ids [m] long, probs [m] float32 summing to 1) after penalties, truncation and
@@ -198,7 +202,9 @@ class Sampler:
             logits = logits.float()
         return apply_penalties(logits, history, self.params)
 
-    def _distribution(self, x: torch.Tensor, log_z: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def _distribution(
+        self, x: torch.Tensor, log_z: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Truncate (top_k, top_p, min_p), apply temperature; return (ids or None = whole vocab, probs)."""
         p = self.params
         n = self.n_vocab
@@ -222,7 +228,9 @@ class Sampler:
                 # prob >= min_p * max_prob  <=>  logit >= max_logit + log(min_p); vals is sorted.
                 keep = min(keep, int(torch.count_nonzero(vals >= vals[0] + math.log(p.min_p))))
             vals, ids = vals[:keep], ids[:keep]
-        probs = torch.softmax(vals.double() / p.temperature, dim=0)
+        # Shift by the max before dividing: a tiny temperature would otherwise overflow to inf/inf.
+        v = vals.double()
+        probs = torch.softmax((v - v.max()) / p.temperature, dim=0)
         return ids, probs
 
     def _sorted_prefix(self, x: torch.Tensor, log_z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,6 +3,10 @@
 Reference semantics are llama.cpp's ggml-quants.c (dequantize_row_*, quantize_row_*_ref); the
 implementations are vectorised torch (legacy_blocks.py: 32-value blocks, k_blocks.py: 256-value
 K-quant super-blocks) and bit-exact with the reference on every input without fp16 NaN/Inf scales.
+
+gguf.quants (numpy) is the test oracle and agrees byte for byte, except in one corner where it departs
+from C: blocks whose chosen max/min is a zero of mixed +0.0/-0.0 signs, where numpy's reductions pick
+either zero. We follow the C loops there (the sign bit of a zero fp16 d or m; values decode identically).
 """
 
 from __future__ import annotations

@@ -154,7 +154,7 @@ def test_large_vocab_sorted_prefix_growth(peak, lo, hi):
     assert set(ids.tolist()) == allowed
     kept = ps[order[:n_keep]]
     torch.testing.assert_close(probs.double(), kept / kept.sum(), rtol=1e-4, atol=1e-9)
-    drawn = {s.sample(x, []).token for _ in range(300)}
+    drawn = {s.sample(x, []).token for _ in range(100)}
     assert drawn <= allowed and 123 in drawn
 
 
@@ -178,7 +178,8 @@ def test_penalties_hand_computed():
     # Whole history (-1) reaches id 5; 0 disables.
     out_all = apply_penalties(logits, history, SamplingParams(repeat_penalty=2.0, repeat_last_n=-1))
     assert out_all[5] == 0.5 and out_all[0] == 1.0
-    assert torch.equal(apply_penalties(logits, history, SamplingParams(repeat_penalty=2.0, repeat_last_n=0)), logits)
+    off = SamplingParams(repeat_penalty=2.0, repeat_last_n=0)
+    assert torch.equal(apply_penalties(logits, history, off), logits)
     # The sampler uses the penalised logits: greedy picks 3 instead of the penalised 0.
     logits2 = torch.tensor([5.0, 4.0, 0.0])
     s = Sampler(SamplingParams(temperature=0.0, repeat_penalty=2.0), 3)
@@ -253,6 +254,11 @@ def test_validation_accepts_edges():
     assert SamplingParams().greedy is False and SamplingParams(top_k=1).greedy
 
 
+def test_tiny_temperature_is_finite():
+    s = Sampler(SamplingParams(temperature=1e-300, top_k=0, top_p=1.0, min_p=0.0, seed=3), 8)
+    assert all(s.sample(LOGITS, []).token == 1 for _ in range(50))
+
+
 def test_bad_logits_shape():
     with pytest.raises(ValueError):
         Sampler(SamplingParams(), 10).sample(torch.zeros(11), [])
@@ -269,7 +275,17 @@ def _time_ms(s: Sampler, x: torch.Tensor, history: list[int], n: int = 30) -> fl
     return best * 1e3
 
 
-def test_speed_262k_vocab():
+@pytest.fixture
+def one_thread():
+    # Time the algorithm, not the intra-op thread pool: on a shared, loaded CI box torch's pool
+    # spin-waits and a 1 ms op can take 50 ms.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_speed_262k_vocab(one_thread):
     v = 262144
     x = torch.randn(v, generator=torch.Generator().manual_seed(8)) * 3
     history = list(range(0, 64 * 97, 97))
