@@ -11,6 +11,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from qatserve.quant.linear import QuantLinear
+
 
 class AttentionCache(Protocol):
     """What a model needs from a KV cache: store this step's K/V for a layer, get back what to attend to."""
@@ -21,22 +23,43 @@ class AttentionCache(Protocol):
         """Store k [T, Hkv, D], v [T, Hkv, Dv] at `positions` [T].
 
         Returns (keys [S, Hkv, D], values [S, Hkv, Dv], key_positions [S]) covering every position an
-        attention query of this step may see; `window` > 0 lets the cache drop keys older than that.
+        attention query of this step may see, and (for T == 1) no other: `window` > 0 lets the cache
+        drop keys older than that.
         """
         ...
 
 
+class StepInputs:
+    """Per-step metadata shared by every layer: token positions and the RoPE tables for them.
+
+    Built once per forward so that 18+ layers do not each index the tables again.
+    """
+
+    def __init__(self, positions: torch.Tensor):
+        self.positions = positions
+        self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rope_tables(self, rope: "Rope") -> tuple[torch.Tensor, torch.Tensor]:
+        key = id(rope)
+        tables = self._tables.get(key)
+        if tables is None:
+            tables = self._tables[key] = rope.tables(self.positions)
+        return tables
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim. x [..., n], weight [n] (GGUF stores Gemma's 1 + w already)."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 class Rope:
-    """Rotary embedding tables for one (base, freq_scale, dim) triple, grown on demand.
+    """Rotary embedding for one (base, freq_scale, dim) triple, tables grown on demand.
 
     neox=True rotates the two halves of each head (Gemma, HF layout); neox=False rotates adjacent
     pairs, which is what llama.cpp's 'norm' RoPE does on llama GGUFs (whose Q/K rows were permuted
     at conversion so that pairs line up).
+    Applied as x * cos' + swap(x) * sin', where swap exchanges the two members of each rotated pair
+    and sin' carries the minus sign of the first member: 4 tensor ops per call.
     """
 
     def __init__(self, dim: int, base: float, freq_scale: float = 1.0, neox: bool = True):
@@ -45,31 +68,39 @@ class Rope:
         # llama.cpp computes theta = p * freq_scale * base^(-2i/d) in float32; float64 tables then
         # rounding to float32 keep us within an ulp of both it and HF.
         self.inv_freq = freq_scale * base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-        self.cos = torch.empty(0, dim // 2)
-        self.sin = torch.empty(0, dim // 2)
+        self.cos = torch.empty(0, dim)
+        self.sin = torch.empty(0, dim)
 
     def _grow(self, n: int) -> None:
         n = max(n, 2 * self.cos.shape[0], 256)
         angles = torch.arange(n, dtype=torch.float64)[:, None] * self.inv_freq[None, :]
-        self.cos = angles.cos().float()
-        self.sin = angles.sin().float()
+        cos, sin = angles.cos().float(), angles.sin().float()
+        if self.neox:
+            self.cos = torch.cat((cos, cos), dim=-1)
+            self.sin = torch.cat((-sin, sin), dim=-1)
+        else:
+            self.cos = torch.stack((cos, cos), dim=-1).flatten(-2)
+            self.sin = torch.stack((-sin, sin), dim=-1).flatten(-2)
 
-    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [T, H, D], positions [T] -> rotated x (only the first `dim` features rotate)."""
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos', sin') [T, 1, dim] for positions [T]."""
         need = int(positions.max()) + 1
         if need > self.cos.shape[0]:
             self._grow(need)
-        cos = self.cos[positions][:, None, :]
-        sin = self.sin[positions][:, None, :]
-        rot, rest = x[..., : self.dim], x[..., self.dim :]
+        return self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+
+    def _swap(self, x: torch.Tensor) -> torch.Tensor:
         if self.neox:
-            a, b = rot.chunk(2, dim=-1)
-            out = torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
-        else:
-            pairs = rot.unflatten(-1, (-1, 2))
-            a, b = pairs[..., 0], pairs[..., 1]
-            out = torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)
-        return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+            return x.roll(self.dim // 2, dims=-1)
+        return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+
+    def apply(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x [T, H, D] -> rotated x (only the first `dim` features rotate)."""
+        cos, sin = tables
+        if self.dim == x.shape[-1]:
+            return x * cos + self._swap(x) * sin
+        rot, rest = x[..., : self.dim], x[..., self.dim :]
+        return torch.cat((rot * cos + self._swap(rot) * sin, rest), dim=-1)
 
 
 def attention(
@@ -91,6 +122,14 @@ def attention(
     """
     T, H, _ = q.shape
     Hkv = k.shape[1]
+    if T == 1:
+        # Decode: the cache hands a single query exactly the keys it may see, so no mask; two small
+        # batched matmuls per KV head group cost a quarter of SDPA's dispatch on the CPU.
+        qg = q.view(Hkv, H // Hkv, -1) * scale  # [Hkv, group, D]
+        scores = torch.bmm(qg, k.permute(1, 2, 0))  # [Hkv, group, S]
+        if softcap > 0.0:
+            scores = torch.tanh(scores / softcap) * softcap
+        return torch.bmm(torch.softmax(scores, dim=-1), v.transpose(0, 1)).reshape(1, -1)
     visible = k_pos[None, :] <= q_pos[:, None]
     if window > 0:
         visible &= (q_pos[:, None] - k_pos[None, :]) < window
@@ -106,8 +145,7 @@ def attention(
         scores = scores.masked_fill(~visible, float("-inf"))
         out = torch.matmul(torch.softmax(scores, dim=-1), vh)
     else:
-        mask = None if bool(visible.all()) else visible
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=visible, scale=scale, enable_gqa=H != Hkv)
     return out.transpose(0, 1).reshape(T, -1)
 
 
@@ -131,15 +169,35 @@ def embed_scale(n_embd: int) -> float:
     return float(torch.tensor(math.sqrt(n_embd), dtype=torch.float32))
 
 
+class ParallelLinear(torch.nn.Module):
+    """Several projections of one input, concatenated on the last dim (used where they cannot fuse)."""
+
+    def __init__(self, parts: list[torch.nn.Module]):
+        super().__init__()
+        self.parts = torch.nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+def fuse_linears(parts: list[QuantLinear]) -> torch.nn.Module:
+    """One module computing cat([p(x) for p in parts], -1): a single kernel call when the formats
+    allow it (q|k|v, gate|up), else the parts one after another."""
+    try:
+        return QuantLinear.fused(parts)
+    except (ValueError, AttributeError):
+        return ParallelLinear(parts)
+
+
 class SelfAttention(torch.nn.Module):
-    """Project Q/K/V, optional per-head q/k RMSNorm, RoPE, store in the cache, attend, project out."""
+    """Project Q/K/V (one fused call), optional per-head q/k RMSNorm, RoPE, cache, attend, project out."""
 
     def __init__(
         self,
         layer: int,
-        wq: torch.nn.Module,
-        wk: torch.nn.Module,
-        wv: torch.nn.Module,
+        wq: QuantLinear,
+        wk: QuantLinear,
+        wv: QuantLinear,
         wo: torch.nn.Module,
         *,
         n_head: int,
@@ -156,27 +214,32 @@ class SelfAttention(torch.nn.Module):
     ):
         super().__init__()
         self.layer = layer
-        self.wq, self.wk, self.wv, self.wo = wq, wk, wv, wo
+        self.wqkv = fuse_linears([wq, wk, wv])
+        self.wo = wo
         self.n_head, self.n_head_kv = n_head, n_head_kv
         self.head_dim, self.head_dim_v = head_dim, head_dim_v
+        self.split = (n_head * head_dim, n_head_kv * head_dim, n_head_kv * head_dim_v)
         self.rope = rope
         self.scale, self.window, self.softcap = scale, window, softcap
         self.q_norm, self.k_norm, self.norm_eps = q_norm, k_norm, norm_eps
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: AttentionCache) -> torch.Tensor:
-        """x [T, n_embd], positions [T] -> [T, n_embd]."""
+    def forward(self, x: torch.Tensor, step: StepInputs, cache: AttentionCache) -> torch.Tensor:
+        """x [T, n_embd] -> [T, n_embd]."""
         T = x.shape[0]
-        q = self.wq(x).view(T, self.n_head, self.head_dim)
-        k = self.wk(x).view(T, self.n_head_kv, self.head_dim)
-        v = self.wv(x).view(T, self.n_head_kv, self.head_dim_v)
+        q, k, v = self.wqkv(x).split(self.split, dim=-1)
+        q = q.view(T, self.n_head, self.head_dim)
+        k = k.view(T, self.n_head_kv, self.head_dim)
+        v = v.view(T, self.n_head_kv, self.head_dim_v)
         if self.q_norm is not None:
             q = rms_norm(q, self.q_norm, self.norm_eps)
         if self.k_norm is not None:
             k = rms_norm(k, self.k_norm, self.norm_eps)
-        q = self.rope.apply(q, positions)
-        k = self.rope.apply(k, positions)
-        keys, values, k_pos = cache.update(self.layer, k, v, positions, self.window)
-        out = attention(q, keys, values, positions, k_pos, scale=self.scale, window=self.window, softcap=self.softcap)
+        tables = step.rope_tables(self.rope)
+        q = self.rope.apply(q, tables)
+        k = self.rope.apply(k, tables)
+        keys, values, k_pos = cache.update(self.layer, k, v, step.positions, self.window)
+        out = attention(q, keys, values, step.positions, k_pos, scale=self.scale, window=self.window,
+                        softcap=self.softcap)
         return self.wo(out)
 
 
@@ -198,9 +261,10 @@ class DecoderLM(torch.nn.Module):
 
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor, cache: AttentionCache) -> torch.Tensor:
         """tokens [T], positions [T] -> final-normed hidden states [T, n_embd]."""
+        step = StepInputs(positions)
         h = self.embed(tokens)
         for block in self.blocks:
-            h = block(h, positions, cache)
+            h = block(h, step, cache)
         return rms_norm(h, self.output_norm, self.norm_eps)
 
     @torch.inference_mode()

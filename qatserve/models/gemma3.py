@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from qatserve.config import ModelConfig
-from qatserve.models.common import AttentionCache, DecoderLM, Rope, SelfAttention, embed_scale, gelu_tanh_glu, rms_norm
+from qatserve.models.common import AttentionCache, DecoderLM, StepInputs, fuse_linears, Rope, SelfAttention, embed_scale, gelu_tanh_glu, rms_norm
 from qatserve.models.weights import WeightLoader
 
 
@@ -43,16 +43,17 @@ class Gemma3Block(torch.nn.Module):
         )
         self.post_attn_norm = w.vector(p + "post_attention_norm.weight", e)
         self.ffn_norm = w.vector(p + "ffn_norm.weight", e)
-        self.gate = w.linear(p + "ffn_gate.weight", e, cfg.n_ff)
-        self.up = w.linear(p + "ffn_up.weight", e, cfg.n_ff)
+        self.gate_up = fuse_linears(
+            [w.linear(p + "ffn_gate.weight", e, cfg.n_ff), w.linear(p + "ffn_up.weight", e, cfg.n_ff)]
+        )
         self.down = w.linear(p + "ffn_down.weight", cfg.n_ff, e)
         self.post_ffn_norm = w.vector(p + "post_ffw_norm.weight", e)
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, cache: AttentionCache) -> torch.Tensor:
-        a = self.attn(rms_norm(h, self.attn_norm, self.eps), positions, cache)
+    def forward(self, h: torch.Tensor, step: StepInputs, cache: AttentionCache) -> torch.Tensor:
+        a = self.attn(rms_norm(h, self.attn_norm, self.eps), step, cache)
         h = h + rms_norm(a, self.post_attn_norm, self.eps)
         x = rms_norm(h, self.ffn_norm, self.eps)
-        m = self.down(gelu_tanh_glu(self.gate(x), self.up(x)))
+        m = self.down(gelu_tanh_glu(*self.gate_up(x).chunk(2, dim=-1)))
         return h + rms_norm(m, self.post_ffn_norm, self.eps)
 
 

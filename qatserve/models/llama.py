@@ -12,7 +12,7 @@ import math
 import torch
 
 from qatserve.config import ModelConfig
-from qatserve.models.common import AttentionCache, DecoderLM, Rope, SelfAttention, rms_norm, silu_glu
+from qatserve.models.common import AttentionCache, DecoderLM, StepInputs, fuse_linears, Rope, SelfAttention, rms_norm, silu_glu
 from qatserve.models.weights import WeightLoader
 
 
@@ -38,14 +38,15 @@ class LlamaBlock(torch.nn.Module):
             window=cfg.sliding_window,
         )
         self.ffn_norm = w.vector(p + "ffn_norm.weight", e)
-        self.gate = w.linear(p + "ffn_gate.weight", e, cfg.n_ff)
-        self.up = w.linear(p + "ffn_up.weight", e, cfg.n_ff)
+        self.gate_up = fuse_linears(
+            [w.linear(p + "ffn_gate.weight", e, cfg.n_ff), w.linear(p + "ffn_up.weight", e, cfg.n_ff)]
+        )
         self.down = w.linear(p + "ffn_down.weight", cfg.n_ff, e)
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, cache: AttentionCache) -> torch.Tensor:
-        h = h + self.attn(rms_norm(h, self.attn_norm, self.eps), positions, cache)
+    def forward(self, h: torch.Tensor, step: StepInputs, cache: AttentionCache) -> torch.Tensor:
+        h = h + self.attn(rms_norm(h, self.attn_norm, self.eps), step, cache)
         x = rms_norm(h, self.ffn_norm, self.eps)
-        return h + self.down(silu_glu(self.gate(x), self.up(x)))
+        return h + self.down(silu_glu(*self.gate_up(x).chunk(2, dim=-1)))
 
 
 class Llama(DecoderLM):
