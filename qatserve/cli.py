@@ -85,7 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from qatserve.engine.generate import Generator
     from qatserve.engine.loader import load_model_file
     from qatserve.engine.sampler import SamplingParams
-    from qatserve.formats.chat_template import CHATML_TEMPLATE, default_template, render_chat
+    from qatserve.formats.chat_template import CHATML, default_template, render_chat
     from qatserve.quant.linear import set_cpu_threads
 
     prompt_text = _read_prompt(args)
@@ -108,7 +108,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": prompt_text})
-        template = tok.chat_template or default_template(loaded.config.arch) or CHATML_TEMPLATE
+        template = tok.chat_template or default_template(loaded.config.arch) or CHATML
         bos = tok.token_piece(tok.bos_id) if tok.bos_id is not None else ""
         eos = tok.token_piece(tok.eos_id) if tok.eos_id is not None else ""
         rendered = render_chat(template, messages, add_generation_prompt=True, bos_token=bos, eos_token=eos)

@@ -95,7 +95,7 @@ class Generator:
             raise RequestError(f"prompt of {len(prompt)} tokens does not fit in a context of {self.n_ctx}")
         sampler = Sampler(params, n_vocab)
         stops = StopMatcher(params.stop)
-        decoder = self.tokenizer.stream_decoder() if self.tokenizer else None
+        decoder = self.tokenizer.stream_decoder(skip_special=True) if self.tokenizer else None
         stop_ids = self.tokenizer.stop_ids if self.tokenizer else frozenset()
         timings = Timings(prompt_n=len(prompt))
         history = list(prompt)
