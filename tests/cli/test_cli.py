@@ -7,7 +7,6 @@ import sys
 
 import gguf
 import numpy as np
-import pytest
 
 from qatserve.engine.generate import Generator
 from qatserve.engine.loader import load_model_file

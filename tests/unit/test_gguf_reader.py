@@ -59,7 +59,8 @@ def expect_error(tmp_path, blob: bytes, *needles: str) -> str:
     t0 = time.perf_counter()
     with pytest.raises(GGUFError) as ei:
         open_gguf(p)
-    assert time.perf_counter() - t0 < 0.1
+    # faults.md: rejected at once (~1 ms here); the bound only has to prove there is no hang or scan.
+    assert time.perf_counter() - t0 < 0.5
     msg = str(ei.value)
     for n in needles:
         assert n in msg, f"{n!r} not in {msg!r}"
