@@ -6,12 +6,16 @@ Everything here is plain tensor math. Per-step metadata (positions, the cache) i
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from qatserve.quant.linear import QuantLinear
+
+if TYPE_CHECKING:
+    from qatserve.config import ModelConfig
+    from qatserve.models.weights import WeightLoader
 
 
 class AttentionCache(Protocol):
@@ -222,6 +226,25 @@ class SelfAttention(torch.nn.Module):
         self.rope = rope
         self.scale, self.window, self.softcap = scale, window, softcap
         self.q_norm, self.k_norm, self.norm_eps = q_norm, k_norm, norm_eps
+
+    @classmethod
+    def from_gguf(cls, w: "WeightLoader", cfg: "ModelConfig", il: int, rope: Rope, **kw) -> "SelfAttention":
+        """The attention of block `il` from llama.cpp's standard tensor names (blk.N.attn_q/k/v/output)."""
+        p, e = f"blk.{il}.", cfg.n_embd
+        return cls(
+            il,
+            w.linear(p + "attn_q.weight", e, cfg.n_head * cfg.head_dim),
+            w.linear(p + "attn_k.weight", e, cfg.n_head_kv * cfg.head_dim),
+            w.linear(p + "attn_v.weight", e, cfg.n_head_kv * cfg.head_dim_v),
+            w.linear(p + "attn_output.weight", cfg.n_head * cfg.head_dim_v, e),
+            n_head=cfg.n_head,
+            n_head_kv=cfg.n_head_kv,
+            head_dim=cfg.head_dim,
+            head_dim_v=cfg.head_dim_v,
+            rope=rope,
+            norm_eps=cfg.norm_eps,
+            **kw,
+        )
 
     def forward(self, x: torch.Tensor, step: StepInputs, cache: AttentionCache) -> torch.Tensor:
         """x [T, n_embd] -> [T, n_embd]."""

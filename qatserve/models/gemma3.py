@@ -19,27 +19,17 @@ class Gemma3Block(torch.nn.Module):
     def __init__(self, cfg: ModelConfig, w: WeightLoader, il: int, ropes: dict[bool, Rope]):
         super().__init__()
         p = f"blk.{il}."
-        e, hd = cfg.n_embd, cfg.head_dim
+        e = cfg.n_embd
         local = cfg.swa_layers[il]
         self.eps = cfg.norm_eps
         self.attn_norm = w.vector(p + "attn_norm.weight", e)
-        self.attn = SelfAttention(
-            il,
-            w.linear(p + "attn_q.weight", e, cfg.n_head * hd),
-            w.linear(p + "attn_k.weight", e, cfg.n_head_kv * hd),
-            w.linear(p + "attn_v.weight", e, cfg.n_head_kv * cfg.head_dim_v),
-            w.linear(p + "attn_output.weight", cfg.n_head * cfg.head_dim_v, e),
-            n_head=cfg.n_head,
-            n_head_kv=cfg.n_head_kv,
-            head_dim=hd,
-            head_dim_v=cfg.head_dim_v,
-            rope=ropes[local],
+        self.attn = SelfAttention.from_gguf(
+            w, cfg, il, ropes[local],
             scale=cfg.attn_scale,
             window=cfg.sliding_window if local else 0,
             softcap=cfg.attn_softcap,
-            q_norm=w.vector(p + "attn_q_norm.weight", hd),
-            k_norm=w.vector(p + "attn_k_norm.weight", hd),
-            norm_eps=cfg.norm_eps,
+            q_norm=w.vector(p + "attn_q_norm.weight", cfg.head_dim),
+            k_norm=w.vector(p + "attn_k_norm.weight", cfg.head_dim),
         )
         self.post_attn_norm = w.vector(p + "post_attention_norm.weight", e)
         self.ffn_norm = w.vector(p + "ffn_norm.weight", e)

@@ -20,23 +20,11 @@ class LlamaBlock(torch.nn.Module):
     def __init__(self, cfg: ModelConfig, w: WeightLoader, il: int, rope: Rope):
         super().__init__()
         p = f"blk.{il}."
-        e, hd = cfg.n_embd, cfg.head_dim
+        e = cfg.n_embd
         self.eps = cfg.norm_eps
         self.attn_norm = w.vector(p + "attn_norm.weight", e)
-        self.attn = SelfAttention(
-            il,
-            w.linear(p + "attn_q.weight", e, cfg.n_head * hd),
-            w.linear(p + "attn_k.weight", e, cfg.n_head_kv * hd),
-            w.linear(p + "attn_v.weight", e, cfg.n_head_kv * cfg.head_dim_v),
-            w.linear(p + "attn_output.weight", cfg.n_head * cfg.head_dim_v, e),
-            n_head=cfg.n_head,
-            n_head_kv=cfg.n_head_kv,
-            head_dim=hd,
-            head_dim_v=cfg.head_dim_v,
-            rope=rope,
-            scale=1.0 / math.sqrt(hd),
-            window=cfg.sliding_window,
-        )
+        self.attn = SelfAttention.from_gguf(w, cfg, il, rope, scale=1.0 / math.sqrt(cfg.head_dim),
+                                             window=cfg.sliding_window)
         self.ffn_norm = w.vector(p + "ffn_norm.weight", e)
         self.gate_up = fuse_linears(
             [w.linear(p + "ffn_gate.weight", e, cfg.n_ff), w.linear(p + "ffn_up.weight", e, cfg.n_ff)]

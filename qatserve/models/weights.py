@@ -39,6 +39,16 @@ class WeightLoader:
         raw = self.gguf.tensor_bytes(name).reshape(out_features, -1)
         return QuantLinear(raw, info.ggml_type, in_features, out_features, backend=self.backend)
 
+    def expert_linears(self, name: str, n_expert: int, in_features: int, out_features: int) -> list[QuantLinear]:
+        """A stack of expert weights [n_expert, out, in] (GGUF ne = (in, out, n_expert)): one QuantLinear each."""
+        info = self._info(name, (in_features, out_features, n_expert))
+        raw = self.gguf.tensor_bytes(name).reshape(n_expert * out_features, -1)
+        return [
+            QuantLinear(raw[e * out_features : (e + 1) * out_features], info.ggml_type, in_features, out_features,
+                        backend=self.backend)
+            for e in range(n_expert)
+        ]
+
     def embedding(self, name: str, n_vocab: int, dim: int) -> QuantEmbedding:
         info = self._info(name, (dim, n_vocab))
         raw = self.gguf.tensor_bytes(name).reshape(n_vocab, -1)
