@@ -1,4 +1,5 @@
 """Hugging Face safetensors checkpoint -> GGUF, for the architectures qatserve runs.
+Gemma 4 and the unified 12B: convert/gemma4.py.
 
 Tensor names come from the `gguf` package's maps, so files match what llama.cpp's converter writes:
 Gemma norms get their `1 + w` baked in; Llama Q/K rows are permuted so that llama.cpp's 'norm' RoPE
@@ -17,6 +18,7 @@ import gguf
 import numpy as np
 import torch
 
+from qatserve.convert.gemma4 import HF_CLASSES as GEMMA4_CLASSES, SKIP_PARTS as GEMMA4_SKIP, Gemma4Writer
 from qatserve.errors import ModelError, RequestError
 from qatserve.quant.blocks import quantize
 
@@ -31,6 +33,7 @@ HF_CLASSES = {
     "Gemma3TextModel": ("gemma3", gguf.MODEL_ARCH.GEMMA3),
     "Gemma3ForConditionalGeneration": ("gemma3", gguf.MODEL_ARCH.GEMMA3),
     "LlamaForCausalLM": ("llama", gguf.MODEL_ARCH.LLAMA),
+    **GEMMA4_CLASSES,
 }
 
 
@@ -148,7 +151,10 @@ def _llama_meta(w: gguf.GGUFWriter, cfg: dict[str, Any]) -> Callable[[str, torch
     return fix
 
 
-_ARCH_META = {"gemma3": _gemma3_meta, "llama": _llama_meta}
+# Each writes the metadata and returns fix(hf_name, tensor) -> tensor; it may also offer
+# rename(hf_name) -> GGUF name | None (names the gguf map lacks) and extra() -> [(GGUF name, tensor)]
+# (generated tensors), as Gemma4Writer does.
+_ARCH_META = {"gemma3": _gemma3_meta, "gemma4": Gemma4Writer, "llama": _llama_meta}
 
 
 def _encode(t: torch.Tensor, qtype: T) -> tuple[np.ndarray, T]:
@@ -188,18 +194,21 @@ def convert(hf_dir: str | Path, out_path: str | Path, out_type: str = "F32") -> 
     writer.add_file_type(_FILE_TYPE[out_type])
     fix = _ARCH_META[arch](writer, cfg)
     names = gguf.get_tensor_name_map(model_arch, int(cfg["num_hidden_layers"]))
+    rename = getattr(fix, "rename", lambda name: None)
     state = _load_state(hf_dir)
     for hf_name, tensor in state.items():
         name = _hf_tensor_name(hf_name)
         if name == "lm_head.weight" and cfg.get("tie_word_embeddings", True):
             continue
-        if any(part in name for part in ("vision_tower", "multi_modal_projector", "rotary_emb")):
+        if any(part in name for part in ("vision_tower", "multi_modal_projector", "rotary_emb", *GEMMA4_SKIP)):
             continue
-        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        gguf_name = rename(name) or names.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise ModelError(f"{hf_dir}: tensor {hf_name!r} has no GGUF name for arch {arch}")
         data, dtype = _encode(fix(name, tensor.to(torch.float32)), qtype)
         writer.add_tensor(gguf_name, data, raw_dtype=dtype)
+    for gguf_name, tensor in getattr(fix, "extra", lambda: [])():
+        writer.add_tensor(gguf_name, tensor.numpy(), raw_dtype=T.F32)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

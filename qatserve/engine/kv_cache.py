@@ -18,9 +18,14 @@ class ContiguousKVCache:
             raise RequestError(f"context size must be at least 1, got {n_ctx}")
         self.n_ctx = n_ctx
         self.dtype = dtype
-        self.shape_k = (cfg.n_head_kv, cfg.head_dim)
-        self.shape_v = (cfg.n_head_kv, cfg.head_dim_v)
-        self.n_layer = cfg.n_layer
+        # Per layer (n_kv, head_dim_k, head_dim_v), or None for a layer that owns no K/V because it
+        # attends to another layer's (Gemma 4's KV sharing; the model routes that, the cache never sees
+        # such a layer). Configs without `kv_layer_shapes` have uniform shapes.
+        self.layer_shapes = tuple(
+            getattr(cfg, "kv_layer_shapes", None) or [(cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v)] * cfg.n_layer
+        )
+        self.n_layer = len(self.layer_shapes)
+        self.last_layer = max(il for il, s in enumerate(self.layer_shapes) if s is not None)
         self.capacity = 0
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
@@ -31,20 +36,20 @@ class ContiguousKVCache:
         n = min(self.n_ctx, max(n, 2 * self.capacity))
         if n <= self.capacity:
             return
-        def grow(old: list[torch.Tensor], shape: tuple[int, int]) -> list[torch.Tensor]:
+        def grow(old: list[torch.Tensor], which: int) -> list[torch.Tensor]:
             out = []
-            for il in range(self.n_layer):
-                buf = torch.zeros((n, *shape), dtype=self.dtype)
+            for il, s in enumerate(self.layer_shapes):
+                buf = torch.zeros((n, 0, 0) if s is None else (n, s[0], s[1 + which]), dtype=self.dtype)
                 if old:
                     buf[: self.capacity] = old[il][: self.capacity]
                 out.append(buf)
             return out
-        self.k, self.v = grow(self.k, self.shape_k), grow(self.v, self.shape_v)
+        self.k, self.v = grow(self.k, 0), grow(self.v, 1)
         self.capacity = n
 
     def bytes_per_token(self) -> int:
         elem = torch.tensor([], dtype=self.dtype).element_size()
-        return self.n_layer * elem * (self.shape_k[0] * self.shape_k[1] + self.shape_v[0] * self.shape_v[1])
+        return elem * sum(s[0] * (s[1] + s[2]) for s in self.layer_shapes if s is not None)
 
     def truncate(self, length: int) -> None:
         """Forget positions >= length (rollback, or reuse of a shared prompt prefix)."""
@@ -59,7 +64,7 @@ class ContiguousKVCache:
             self._reserve(p1)
         self.k[layer][p0:p1] = k
         self.v[layer][p0:p1] = v
-        if layer == self.n_layer - 1:
+        if layer == self.last_layer:
             self.length = p1
         lo = max(0, p0 - window + 1) if window > 0 else 0
         return self.k[layer][lo:p1], self.v[layer][lo:p1], torch.arange(lo, p1)

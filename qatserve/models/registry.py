@@ -7,10 +7,11 @@ from qatserve.errors import ModelError
 from qatserve.formats.gguf_reader import GGUFFile
 from qatserve.models.common import DecoderLM
 from qatserve.models.gemma3 import Gemma3
+from qatserve.models.gemma4 import Gemma4
 from qatserve.models.llama import Llama
 from qatserve.models.weights import WeightLoader
 
-ARCHITECTURES: dict[str, type[DecoderLM]] = {"gemma3": Gemma3, "llama": Llama}
+ARCHITECTURES: dict[str, type[DecoderLM]] = {"gemma3": Gemma3, "gemma4": Gemma4, "llama": Llama}
 
 
 def read_model_config(gguf: GGUFFile) -> ModelConfig:
@@ -25,7 +26,8 @@ def build_model(gguf: GGUFFile, backend: str = "auto") -> DecoderLM:
     if cls is None:
         known = ", ".join(sorted(ARCHITECTURES))
         raise ModelError(f"architecture {arch!r} is not supported (supported: {known})")
-    cfg = read_model_config(gguf)
+    # Architectures whose hyper-parameters vary per layer (gemma4) parse their own config.
+    cfg = cls.config_from_gguf(gguf) if hasattr(cls, "config_from_gguf") else read_model_config(gguf)
     loader = WeightLoader(gguf, backend=backend)
     model = cls(cfg, loader)
     unused = [n for n in loader.unused() if n != "rope_freqs.weight"]
