@@ -1,4 +1,4 @@
-"""`qatserve` command line: run, inspect, convert.
+"""`qatserve` command line: run, inspect, convert, synth.
 
 stdout carries only generated text (or the inspect report); progress and timings go to stderr, so
 `qatserve run -n 32 --temp 0 "prompt"` is scriptable. Every expected failure is one line on stderr
@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("hf_dir", metavar="HF_DIR")
     conv.add_argument("out", metavar="OUT.gguf")
     conv.add_argument("--type", default="F32", choices=["F32", "F16", "BF16", "Q8_0", "Q4_0"])
+
+    syn = sub.add_parser("synth", help="write a GGUF with random weights in the exact layout of a released model")
+    syn.add_argument("shape", nargs="?", metavar="SHAPE", help="e.g. gemma3-27b, gemma4-31b, gemma4-e2b-assistant (see --list)")
+    syn.add_argument("out", nargs="?", metavar="OUT.gguf")
+    syn.add_argument("--type", default="Q4_0", help="weight matrices: Q4_0 (default), Q8_0, F16, BF16, F32")
+    syn.add_argument("--list", action="store_true", help="print every shape with its computed size and exit")
+    syn.add_argument("--seed", type=int, default=0, help="RNG seed of the random blocks (default 0)")
     return parser
 
 
@@ -163,7 +170,32 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "inspect": cmd_inspect, "convert": cmd_convert}
+def cmd_synth(args: argparse.Namespace) -> int:
+    from qatserve.bench.synth import get_shape, get_weight_type, shape_table, synth
+
+    if args.list:
+        sys.stdout.write(shape_table(get_weight_type(args.type)))
+        return 0
+    if args.shape is None or args.out is None:
+        raise RequestError("synth needs SHAPE and OUT.gguf (or --list)")
+    shape, qtype = get_shape(args.shape), get_weight_type(args.type)
+    step = [0]
+
+    def progress(done: int, total: int) -> None:
+        if done * 10 // total > step[0]:  # every 10 %
+            step[0] = done * 10 // total
+            print(f"qatserve: {done / 1e9:.2f} / {total / 1e9:.2f} GB", file=sys.stderr)
+
+    try:
+        r = synth(shape, args.out, qtype, seed=args.seed, progress=progress)
+    except OSError as e:
+        raise RequestError(f"cannot write {args.out}: {e}") from e
+    print(f"qatserve: wrote {r.path} ({shape.name}, {qtype.name}, {r.n_tensors} tensors, "
+          f"{r.nbytes / 1e9:.2f} GB in {r.seconds:.1f} s)", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "inspect": cmd_inspect, "convert": cmd_convert, "synth": cmd_synth}
 
 
 def main(argv: list[str] | None = None) -> int:
