@@ -26,6 +26,19 @@ def _fmt_value(value, all_metadata: bool) -> str:
     return text
 
 
+def _compact(value) -> str:
+    """Per-layer arrays as runs ("6144 x15, 12288 x20"); scalars as they are."""
+    if not isinstance(value, (list, np.ndarray)):
+        return str(value)
+    runs: list[list] = []
+    for v in (x.item() if hasattr(x, "item") else x for x in value):
+        if runs and runs[-1][0] == v:
+            runs[-1][1] += 1
+        else:
+            runs.append([v, 1])
+    return ", ".join(f"{v} x{n}" if n > 1 else str(v) for v, n in runs)
+
+
 def _summary(f: GGUFFile) -> list[str]:
     m = f.metadata
     arch = m.get("general.architecture", "?")
@@ -38,13 +51,25 @@ def _summary(f: GGUFFile) -> list[str]:
         ("architecture", arch),
         ("layers", m.get(p + "block_count", "?")),
         ("embedding", m.get(p + "embedding_length", "?")),
-        ("heads (q / kv)", f"{m.get(p + 'attention.head_count', '?')} / {m.get(p + 'attention.head_count_kv', '?')}"),
+        ("heads (q / kv)", f"{_compact(m.get(p + 'attention.head_count', '?'))} / "
+                           f"{_compact(m.get(p + 'attention.head_count_kv', '?'))}"),
         ("head dim (k / v)", f"{m.get(p + 'attention.key_length', '?')} / {m.get(p + 'attention.value_length', '?')}"),
-        ("feed-forward", m.get(p + "feed_forward_length", "?")),
+        ("feed-forward", _compact(m.get(p + "feed_forward_length", "?"))),
         ("context (train)", m.get(p + "context_length", "?")),
     ]
     if p + "attention.sliding_window" in m:
         rows.append(("sliding window", m[p + "attention.sliding_window"]))
+    if p + "attention.key_length_swa" in m:
+        rows.append(("head dim, sliding (k / v)",
+                     f"{m[p + 'attention.key_length_swa']} / {m.get(p + 'attention.value_length_swa', '?')}"))
+    if p + "attention.sliding_window_pattern" in m:
+        pattern = m[p + "attention.sliding_window_pattern"]
+        if isinstance(pattern, (list, np.ndarray)):
+            rows.append(("layer pattern", "".join("S" if x else "F" for x in pattern)))
+    if p + "attention.shared_kv_layers" in m:
+        rows.append(("KV-shared layers", m[p + "attention.shared_kv_layers"]))
+    if p + "embedding_length_per_layer_input" in m:
+        rows.append(("per-layer input", m[p + "embedding_length_per_layer_input"]))
     if p + "expert_count" in m:
         rows.append(("experts (used / total)", f"{m.get(p + 'expert_used_count', '?')} / {m[p + 'expert_count']}"))
     if "tokenizer.ggml.tokens" in m:
