@@ -165,8 +165,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from qatserve.convert.hf_to_gguf import convert
 
-    out = convert(args.hf_dir, args.out, args.type)
+    stats: dict[str, int] = {}
+    out = convert(args.hf_dir, args.out, args.type, stats=stats)
     print(f"qatserve: wrote {out} ({args.type})", file=sys.stderr)
+    if stats.get("q4_0_blocks"):
+        share = stats["q4_0_exact_blocks"] / stats["q4_0_blocks"]
+        print(f"qatserve: Q4_0 blocks exactly on their 4-bit grid: {stats['q4_0_exact_blocks']}/"
+              f"{stats['q4_0_blocks']} ({100 * share:.2f}%)", file=sys.stderr)
     return 0
 
 

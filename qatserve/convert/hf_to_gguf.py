@@ -1,14 +1,16 @@
 """Hugging Face safetensors checkpoint -> GGUF, for the architectures qatserve runs.
-Gemma 4 and the unified 12B: convert/gemma4.py.
+Gemma 4 and the unified 12B: convert/gemma4.py; their MTP assistants: convert/gemma4_assistant.py.
 
 Tensor names come from the `gguf` package's maps, so files match what llama.cpp's converter writes:
 Gemma norms get their `1 + w` baked in; Llama Q/K rows are permuted so that llama.cpp's 'norm' RoPE
-(adjacent pairs) equals HF's rotate-half. The vocabulary is not exported yet (a model file without a
-tokenizer still loads for logits; `qatserve run` needs one).
+(adjacent pairs) equals HF's rotate-half. The vocabulary (convert/vocab.py) is exported when the checkpoint
+has tokenizer.model (Gemma 3, Llama) or tokenizer.json (Gemma 4); without one the file still loads for
+logits (`qatserve run` needs one).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -19,8 +21,11 @@ import numpy as np
 import torch
 
 from qatserve.convert.gemma4 import HF_CLASSES as GEMMA4_CLASSES, SKIP_PARTS as GEMMA4_SKIP, Gemma4Writer
+from qatserve.convert.gemma4_assistant import HF_CLASSES as ASSISTANT_CLASSES, Gemma4AssistantWriter, assistant_config
+from qatserve.convert.vocab import write_vocab
 from qatserve.errors import ModelError, RequestError
 from qatserve.quant.blocks import quantize
+from qatserve.quant.qat_grid import quantize_q4_0_grid
 
 T = gguf.GGMLQuantizationType
 OUT_TYPES = {"F32": T.F32, "F16": T.F16, "BF16": T.BF16, "Q8_0": T.Q8_0, "Q4_0": T.Q4_0}
@@ -34,6 +39,7 @@ HF_CLASSES = {
     "Gemma3ForConditionalGeneration": ("gemma3", gguf.MODEL_ARCH.GEMMA3),
     "LlamaForCausalLM": ("llama", gguf.MODEL_ARCH.LLAMA),
     **GEMMA4_CLASSES,
+    **ASSISTANT_CLASSES,
 }
 
 
@@ -154,11 +160,16 @@ def _llama_meta(w: gguf.GGUFWriter, cfg: dict[str, Any]) -> Callable[[str, torch
 # Each writes the metadata and returns fix(hf_name, tensor) -> tensor; it may also offer
 # rename(hf_name) -> GGUF name | None (names the gguf map lacks) and extra() -> [(GGUF name, tensor)]
 # (generated tensors), as Gemma4Writer does.
-_ARCH_META = {"gemma3": _gemma3_meta, "gemma4": Gemma4Writer, "llama": _llama_meta}
+# It may also offer skip(hf_name) -> bool for tensors that stay out of the file.
+_ARCH_META = {"gemma3": _gemma3_meta, "gemma4": Gemma4Writer, "gemma4-assistant": Gemma4AssistantWriter,
+              "llama": _llama_meta}
 
 
-def _encode(t: torch.Tensor, qtype: T) -> tuple[np.ndarray, T]:
-    """Tensor -> (array for GGUFWriter, its GGML type). 1-D tensors and odd widths stay float32."""
+def _encode(t: torch.Tensor, qtype: T, stats: dict[str, int]) -> tuple[np.ndarray, T]:
+    """Tensor -> (array for GGUFWriter, its GGML type). 1-D tensors and odd widths stay float32.
+
+    Q4_0 fits each block's scale to the 4-bit grid a QAT checkpoint already sits on (quant/qat_grid.py)
+    and counts exact blocks in `stats`."""
     x = t.detach().to(torch.float32)
     if x.ndim < 2 or qtype == T.F32:
         return x.numpy(), T.F32
@@ -167,12 +178,23 @@ def _encode(t: torch.Tensor, qtype: T) -> tuple[np.ndarray, T]:
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if x.shape[-1] % block:
         return x.numpy(), T.F32
+    if qtype == T.Q4_0:
+        raw, exact, total = quantize_q4_0_grid(x)
+        stats["q4_0_exact_blocks"] = stats.get("q4_0_exact_blocks", 0) + exact
+        stats["q4_0_blocks"] = stats.get("q4_0_blocks", 0) + total
+        return raw, qtype
     return quantize(x, qtype), qtype
 
 
-def convert(hf_dir: str | Path, out_path: str | Path, out_type: str = "F32") -> Path:
-    """Write OUT.gguf from an HF checkpoint directory; returns the output path."""
+def convert(hf_dir: str | Path, out_path: str | Path, out_type: str = "F32", *, centroids: bool = True,
+            stats: dict[str, int] | None = None) -> Path:
+    """Write OUT.gguf from an HF checkpoint directory; returns the output path.
+
+    centroids: for a Gemma 4 assistant with a centroid head, keep its tensors (qatserve's sparse head;
+    llama.cpp refuses such a file) or drop them as llama.cpp's converter does.
+    """
     hf_dir = Path(hf_dir)
+    stats = {} if stats is None else stats
     if out_type not in OUT_TYPES:
         raise RequestError(f"--type {out_type!r}: expected one of {', '.join(OUT_TYPES)}")
     cfg_path = hf_dir / "config.json"
@@ -187,14 +209,19 @@ def convert(hf_dir: str | Path, out_path: str | Path, out_type: str = "F32") -> 
             f"(supported: {', '.join(sorted(HF_CLASSES))})"
         )
     arch, model_arch = HF_CLASSES[known[0]]
-    cfg = _text_config(config)
+    cfg = assistant_config(config) if arch == "gemma4-assistant" else _text_config(config)
     qtype = OUT_TYPES[out_type]
     writer = gguf.GGUFWriter(str(out_path), arch)
     writer.add_name(hf_dir.name)
     writer.add_file_type(_FILE_TYPE[out_type])
-    fix = _ARCH_META[arch](writer, cfg)
+    meta = _ARCH_META[arch]
+    if arch == "gemma4-assistant":
+        meta = functools.partial(meta, centroids=centroids)
+    fix = meta(writer, cfg)
+    write_vocab(writer, hf_dir, arch, int(cfg["vocab_size"]))
     names = gguf.get_tensor_name_map(model_arch, int(cfg["num_hidden_layers"]))
     rename = getattr(fix, "rename", lambda name: None)
+    skip = getattr(fix, "skip", lambda name: False)
     state = _load_state(hf_dir)
     for hf_name, tensor in state.items():
         name = _hf_tensor_name(hf_name)
@@ -202,10 +229,15 @@ def convert(hf_dir: str | Path, out_path: str | Path, out_type: str = "F32") -> 
             continue
         if any(part in name for part in ("vision_tower", "multi_modal_projector", "rotary_emb", *GEMMA4_SKIP)):
             continue
+        if skip(name):
+            continue
         gguf_name = rename(name) or names.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise ModelError(f"{hf_dir}: tensor {hf_name!r} has no GGUF name for arch {arch}")
-        data, dtype = _encode(fix(name, tensor.to(torch.float32)), qtype)
+        if not tensor.is_floating_point():  # index tensors (a token permutation) stay integers
+            writer.add_tensor(gguf_name, tensor.to(torch.int32).numpy(), raw_dtype=T.I32)
+            continue
+        data, dtype = _encode(fix(name, tensor.to(torch.float32)), qtype, stats)
         writer.add_tensor(gguf_name, data, raw_dtype=dtype)
     for gguf_name, tensor in getattr(fix, "extra", lambda: [])():
         writer.add_tensor(gguf_name, tensor.numpy(), raw_dtype=T.F32)

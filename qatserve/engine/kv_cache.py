@@ -68,3 +68,14 @@ class ContiguousKVCache:
             self.length = p1
         lo = max(0, p0 - window + 1) if window > 0 else 0
         return self.k[layer][lo:p1], self.v[layer][lo:p1], torch.arange(lo, p1)
+
+    def read(self, layer: int, end: int, n: int = 0):
+        """Read-only K/V of `layer` at positions [max(0, end - n), end) (n = 0: all of [0, end)), as
+        (keys [S, Hkv, D], values [S, Hkv, Dv], key_positions [S]); the MTP assistant reads the target's
+        committed entries this way. Views into the cache: valid until its next update."""
+        if self.layer_shapes[layer] is None:
+            raise RequestError(f"layer {layer} owns no K/V in this cache")
+        if not 0 <= end <= self.length:
+            raise RequestError(f"read up to position {end}, but the cache holds {self.length} positions")
+        lo = max(0, end - n) if n > 0 else 0
+        return self.k[layer][lo:end], self.v[layer][lo:end], torch.arange(lo, end)

@@ -9,7 +9,8 @@ Vocab kinds (`tokenizer.ggml.model`):
 - 'gpt2'   byte-level BPE with merges and a pre-tokenizer regex chosen by `tokenizer.ggml.pre`
            (`tokenizers` library).
 - 'gemma4' BPE with merges over raw characters (spaces escaped, byte fallback), text pre-split
-           into newline runs and the rest (`tokenizers` library). Not yet checked against a file.
+           into newline runs and the rest (`tokenizers` library). Checked against llama.cpp on a tiny vocabulary
+           (tests/models/test_llamacpp_interop.py), not yet on a real Gemma 4 file.
 
 Special tokens are split out of the text before the model runs, exactly as llama.cpp's
 `tokenizer_st_partition` does: control/unknown tokens only with parse_special, user-defined always.

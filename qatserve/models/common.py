@@ -6,11 +6,13 @@ Everything here is plain tensor math. Per-step metadata (positions, the cache) i
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 
+from qatserve.quant.kernels import ggml_numerics
 from qatserve.quant.linear import QuantLinear
 
 if TYPE_CHECKING:
@@ -66,9 +68,14 @@ class Rope:
     and sin' carries the minus sign of the first member: 4 tensor ops per call.
     """
 
-    def __init__(self, dim: int, base: float, freq_scale: float = 1.0, neox: bool = True):
+    def __init__(self, dim: int, base: float, freq_scale: float = 1.0, neox: bool = True,
+                 cos_sin: Callable | None = None):
         self.dim = dim
         self.neox = neox
+        self.base, self.freq_scale = base, freq_scale
+        # cos_sin(positions, dim, base, freq_scale) -> (cos, sin) float32 [T, dim/2]: the angles and
+        # their rounding of another implementation (Numerics.rope_cos_sin); None = the float64 tables.
+        self.cos_sin = cos_sin
         # llama.cpp computes theta = p * freq_scale * base^(-2i/d) in float32; float64 tables then
         # rounding to float32 keep us within an ulp of both it and HF.
         self.inv_freq = freq_scale * base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
@@ -86,8 +93,16 @@ class Rope:
             self.cos = torch.stack((cos, cos), dim=-1).flatten(-2)
             self.sin = torch.stack((-sin, sin), dim=-1).flatten(-2)
 
+    def _arrange(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.neox:
+            return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+        return torch.stack((cos, cos), dim=-1).flatten(-2), torch.stack((-sin, sin), dim=-1).flatten(-2)
+
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos', sin') [T, 1, dim] for positions [T]."""
+        if self.cos_sin is not None:
+            cos, sin = self._arrange(*self.cos_sin(positions, self.dim, self.base, self.freq_scale))
+            return cos[:, None, :], sin[:, None, :]
         need = int(positions.max()) + 1
         if need > self.cos.shape[0]:
             self._grow(need)
@@ -163,6 +178,34 @@ def silu_glu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+@dataclass(frozen=True)
+class Numerics:
+    """How a model rounds its non-matmul math, chosen when it is built (never a global).
+
+    TORCH: plain float32 torch (fast; matches HF transformers). GGML: llama.cpp's x86 CPU kernels
+    (quant/kernels/ggml_numerics.py: fp16-table GELU, double-sum RMSNorm, float32-product RoPE angles
+    through the C library's cosf/sinf, flash attention over an F16 KV cache with an fp16 accumulator).
+    Matmul numerics are the QuantLinear backend's business ("ggml" pairs with GGML).
+    """
+
+    name: str = "torch"
+    rms_norm: Callable = rms_norm
+    attention: Callable = attention
+    gelu_glu: Callable = gelu_tanh_glu
+    silu_glu: Callable = silu_glu
+    rope_cos_sin: Callable | None = None
+
+
+TORCH = Numerics()
+GGML = Numerics("ggml", ggml_numerics.rms_norm, ggml_numerics.flash_attn_f16, ggml_numerics.geglu,
+                ggml_numerics.swiglu, ggml_numerics.rope_cos_sin)
+
+
+def numerics_for(backend: str) -> Numerics:
+    """GGML numerics for the "ggml" QuantLinear backend, TORCH for every other."""
+    return GGML if backend == "ggml" else TORCH
+
+
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
     """cap * tanh(x / cap); identity when cap is 0."""
     return x if cap <= 0.0 else torch.tanh(x / cap) * cap
@@ -215,9 +258,11 @@ class SelfAttention(torch.nn.Module):
         q_norm: torch.Tensor | None = None,
         k_norm: torch.Tensor | None = None,
         norm_eps: float = 1e-6,
+        numerics: Numerics = TORCH,
     ):
         super().__init__()
         self.layer = layer
+        self.numerics = numerics
         self.wqkv = fuse_linears([wq, wk, wv])
         self.wo = wo
         self.n_head, self.n_head_kv = n_head, n_head_kv
@@ -243,6 +288,7 @@ class SelfAttention(torch.nn.Module):
             head_dim_v=cfg.head_dim_v,
             rope=rope,
             norm_eps=cfg.norm_eps,
+            numerics=getattr(w, "numerics", TORCH),
             **kw,
         )
 
@@ -253,16 +299,17 @@ class SelfAttention(torch.nn.Module):
         q = q.view(T, self.n_head, self.head_dim)
         k = k.view(T, self.n_head_kv, self.head_dim)
         v = v.view(T, self.n_head_kv, self.head_dim_v)
+        nx = self.numerics
         if self.q_norm is not None:
-            q = rms_norm(q, self.q_norm, self.norm_eps)
+            q = nx.rms_norm(q, self.q_norm, self.norm_eps)
         if self.k_norm is not None:
-            k = rms_norm(k, self.k_norm, self.norm_eps)
+            k = nx.rms_norm(k, self.k_norm, self.norm_eps)
         tables = step.rope_tables(self.rope)
         q = self.rope.apply(q, tables)
         k = self.rope.apply(k, tables)
         keys, values, k_pos = cache.update(self.layer, k, v, step.positions, self.window)
-        out = attention(q, keys, values, step.positions, k_pos, scale=self.scale, window=self.window,
-                        softcap=self.softcap)
+        out = nx.attention(q, keys, values, step.positions, k_pos, scale=self.scale, window=self.window,
+                           softcap=self.softcap)
         return self.wo(out)
 
 
@@ -278,6 +325,7 @@ class DecoderLM(torch.nn.Module):
     output: torch.nn.Module
     norm_eps: float
     final_softcap: float = 0.0
+    numerics: Numerics = TORCH
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -288,7 +336,7 @@ class DecoderLM(torch.nn.Module):
         h = self.embed(tokens)
         for block in self.blocks:
             h = block(h, step, cache)
-        return rms_norm(h, self.output_norm, self.norm_eps)
+        return self.numerics.rms_norm(h, self.output_norm, self.norm_eps)
 
     @torch.inference_mode()
     def forward(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from qatserve.config import ModelConfig
-from qatserve.models.common import AttentionCache, DecoderLM, StepInputs, fuse_linears, Rope, SelfAttention, embed_scale, gelu_tanh_glu, rms_norm
+from qatserve.models.common import AttentionCache, DecoderLM, StepInputs, fuse_linears, Rope, SelfAttention, embed_scale
 from qatserve.models.weights import WeightLoader
 
 
@@ -22,6 +22,7 @@ class Gemma3Block(torch.nn.Module):
         e = cfg.n_embd
         local = cfg.swa_layers[il]
         self.eps = cfg.norm_eps
+        self.nx = w.numerics
         self.attn_norm = w.vector(p + "attn_norm.weight", e)
         self.attn = SelfAttention.from_gguf(
             w, cfg, il, ropes[local],
@@ -40,11 +41,12 @@ class Gemma3Block(torch.nn.Module):
         self.post_ffn_norm = w.vector(p + "post_ffw_norm.weight", e)
 
     def forward(self, h: torch.Tensor, step: StepInputs, cache: AttentionCache) -> torch.Tensor:
-        a = self.attn(rms_norm(h, self.attn_norm, self.eps), step, cache)
-        h = h + rms_norm(a, self.post_attn_norm, self.eps)
-        x = rms_norm(h, self.ffn_norm, self.eps)
-        m = self.down(gelu_tanh_glu(*self.gate_up(x).chunk(2, dim=-1)))
-        return h + rms_norm(m, self.post_ffn_norm, self.eps)
+        nx = self.nx
+        a = self.attn(nx.rms_norm(h, self.attn_norm, self.eps), step, cache)
+        h = h + nx.rms_norm(a, self.post_attn_norm, self.eps)
+        x = nx.rms_norm(h, self.ffn_norm, self.eps)
+        m = self.down(nx.gelu_glu(*self.gate_up(x).chunk(2, dim=-1)))
+        return h + nx.rms_norm(m, self.post_ffn_norm, self.eps)
 
 
 class Gemma3(DecoderLM):
@@ -53,13 +55,14 @@ class Gemma3(DecoderLM):
     def __init__(self, cfg: ModelConfig, w: WeightLoader):
         super().__init__()
         self.config = cfg
+        self.numerics = w.numerics
         self.norm_eps = cfg.norm_eps
         self.final_softcap = cfg.final_softcap
         self.tok_embd = w.embedding("token_embd.weight", cfg.n_vocab, cfg.n_embd)
         self.scale = embed_scale(cfg.n_embd)
         ropes = {
-            False: Rope(cfg.rope_dim, cfg.rope_base, cfg.rope_freq_scale, neox=True),
-            True: Rope(cfg.rope_dim, cfg.rope_base_swa, 1.0, neox=True),
+            False: Rope(cfg.rope_dim, cfg.rope_base, cfg.rope_freq_scale, neox=True, cos_sin=w.numerics.rope_cos_sin),
+            True: Rope(cfg.rope_dim, cfg.rope_base_swa, 1.0, neox=True, cos_sin=w.numerics.rope_cos_sin),
         }
         self.blocks = torch.nn.ModuleList(Gemma3Block(cfg, w, il, ropes) for il in range(cfg.n_layer))
         self.output_norm = w.vector("output_norm.weight", cfg.n_embd)

@@ -5,10 +5,13 @@ Quantised weights stay in their GGUF blocks; only 1-D tensors (norms) are dequan
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from gguf import GGMLQuantizationType as T
 
 from qatserve.errors import ModelError
 from qatserve.formats.gguf_reader import GGUFFile, TensorInfo
+from qatserve.models.common import numerics_for
 from qatserve.quant.blocks import dequantize
 from qatserve.quant.linear import QuantEmbedding, QuantLinear
 
@@ -16,9 +19,12 @@ from qatserve.quant.linear import QuantEmbedding, QuantLinear
 class WeightLoader:
     """Hands out the tensors of one GGUF file by name, each checked against the shape the model expects."""
 
-    def __init__(self, gguf: GGUFFile, backend: str = "auto"):
+    def __init__(self, gguf: GGUFFile, backend: str = "auto", numerics: str | None = None):
         self.gguf = gguf
         self.backend = backend
+        # Non-matmul numerics for the models built from this loader (models.common.Numerics):
+        # "ggml" or "torch"; None follows the backend ("ggml" backend -> llama.cpp's numerics).
+        self.numerics = numerics_for(numerics or backend)
         self.used: set[str] = set()
 
     def has(self, name: str) -> bool:
@@ -57,6 +63,17 @@ class WeightLoader:
     def vector(self, name: str, n: int) -> torch.Tensor:
         info = self._info(name, (n,))
         return dequantize(self.gguf.tensor_bytes(name), info.ggml_type, (n,)).contiguous()
+
+    def index_vector(self, name: str, n: int) -> torch.Tensor:
+        """An integer tensor [n] (I32/I64, or F32/F16 holding whole numbers) as int64, e.g. a permutation."""
+        info = self._info(name, (n,))
+        raw = self.gguf.tensor_bytes(name)
+        if info.ggml_type in (T.I32, T.I64):
+            return torch.from_numpy(raw.view(np.int32 if info.ggml_type == T.I32 else np.int64).astype(np.int64))
+        values = dequantize(raw, info.ggml_type, (n,)).double()
+        if not bool((values == values.round()).all()):
+            raise ModelError(f"tensor {name!r}: expected integers")
+        return values.long()
 
     def unused(self) -> list[str]:
         """Tensors present in the file that no module took (a sign of an unsupported variant)."""

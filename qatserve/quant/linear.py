@@ -5,6 +5,9 @@ Backends (chosen per matrix, `backend="auto"`):
   Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K.
 - "torch": weights dequantised once to float32, torch matmul. Fallback for every other type
   (F32/F16/BF16, Q2_K, Q3_K, IQ*), and for tensors on a non-CPU device.
+- "ggml": llama.cpp's x86 CPU numerics (kernels/ggml_matmul.py): activations quantised to the weight
+  type's vec_dot_type, exact integer block dots, llama.cpp's float32 accumulation order. Slow; for
+  reproducing llama.cpp token for token (tests/golden), never chosen by "auto".
 
 Threading (2-core CPU; numbers in benchmarks/cpu_matmul.py): an intra-op thread-pool hand-off costs
 ~50-150 us, more than a whole small matvec, so small matrices get single-threaded sessions and a
@@ -88,12 +91,13 @@ class QuantLinear(torch.nn.Module):
             backend = "ort" if self.qtype in cpu.SUPPORTED else "torch"
         if backend == "ort" and self.qtype not in cpu.SUPPORTED:
             raise ValueError(f"backend 'ort' has no exact mapping for {self.qtype.name}")
-        if backend not in ("ort", "torch"):
+        if backend not in ("ort", "torch", "ggml"):
             raise ValueError(f"unknown backend {backend!r}")
         self.backend_name = backend
         self._parts: list[QuantLinear] | None = None
         self._sess = None
         self._dense: torch.Tensor | None = None
+        self._ggml = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -115,6 +119,7 @@ class QuantLinear(torch.nn.Module):
         self.out_features = sum(p.out_features for p in parts)
         self.accuracy_level, self.backend_name = p0.accuracy_level, "ort"
         self._raw, self._parts, self._sess, self._dense = None, list(parts), None, None
+        self._ggml = None
         self._lock = threading.Lock()
         if len({cpu.LAYOUT[p.qtype] for p in parts}) != 1:
             raise ValueError(f"fused: formats {[p.qtype.name for p in parts]} have different layouts")
@@ -133,7 +138,13 @@ class QuantLinear(torch.nn.Module):
     def prepare(self) -> "QuantLinear":
         """Repack and build the session (or dense weight) now instead of on the first forward."""
         with self._lock:
-            if self.backend_name == "torch":
+            if self.backend_name == "ggml":
+                if self._ggml is None:
+                    from .kernels.ggml_matmul import GGMLQuantMatmul
+
+                    self._ggml = GGMLQuantMatmul(self._raw, self.qtype, self.in_features, self.out_features,
+                                                 dense=self.dequantized)
+            elif self.backend_name == "torch":
                 if self._dense is None:
                     self._dense = self.dequantized()
             elif self._sess is None:
@@ -154,6 +165,10 @@ class QuantLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x float32 [..., in_features] -> float32 [..., out_features]."""
         lead = x.shape[:-1]
+        if self.backend_name == "ggml":
+            if self._ggml is None:
+                self.prepare()
+            return self._ggml(x.detach().cpu().float()).to(x.device)
         if self.backend_name == "torch" or x.device.type != "cpu":
             if self._dense is None:
                 self.prepare()

@@ -163,6 +163,6 @@ def test_gemma4_gguf_metadata_is_what_llama_cpp_reads(tmp_path):
 
 
 def test_unknown_hf_class_is_named(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Gemma4AssistantForCausalLM"]}))
-    with pytest.raises(ModelError, match="Gemma4AssistantForCausalLM"):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Gemma5ForCausalLM"]}))
+    with pytest.raises(ModelError, match="Gemma5ForCausalLM"):
         convert(tmp_path, tmp_path / "x.gguf")
