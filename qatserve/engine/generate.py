@@ -22,7 +22,10 @@ from qatserve.models.common import DecoderLM
 
 @dataclass
 class TokenOut:
-    """One generated token and the text it makes visible now ("" while held back)."""
+    """One generated token and the text it makes visible now ("" while held back).
+
+    token == -1 marks the final text-only event that flushes what the stream decoder or the stop
+    matcher still held back when generation ended."""
 
     token: int
     text: str
@@ -60,7 +63,8 @@ class Generator:
     def __init__(self, model: DecoderLM, tokenizer: Tokenizer | None, n_ctx: int = 4096, prefill_chunk: int = 512):
         self.model = model
         self.tokenizer = tokenizer
-        self.n_ctx = min(n_ctx, model.config.context_length) if n_ctx <= 0 else n_ctx
+        # n_ctx <= 0: the model's trained context, as llama.cpp's -c 0.
+        self.n_ctx = model.config.context_length if n_ctx <= 0 else n_ctx
         self.prefill_chunk = prefill_chunk
         self.cache = ContiguousKVCache(model.config, self.n_ctx)
         self.last: GenerationResult | None = None

@@ -21,6 +21,8 @@ def test_tiny_llama_loads_and_runs(tmp_path):
     loaded = load_model_file(write_llama(tmp_path / "ok.gguf"))
     logits = Generator(loaded.model, None, n_ctx=32).logits_all([1, 2, 3])
     assert logits.shape == (3, 64) and torch.isfinite(logits).all()
+    # -c 0 means the model's trained context (128 in this file), as in llama.cpp.
+    assert Generator(loaded.model, None, n_ctx=0).n_ctx == 128
 
 
 @pytest.mark.parametrize(
