@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -28,17 +29,28 @@ class LoadedModel:
         return self.model.config  # type: ignore[return-value]
 
 
-def load_model_file(path: str | Path, backend: str = "auto", numerics: str | None = None) -> LoadedModel:
-    """Memory-map `path`, validate it, build the model and (when the file has a vocabulary) the tokenizer."""
+def _open_and_build(path: str | Path, build: Callable[[GGUFFile], Any]) -> tuple[GGUFFile, Any, float]:
+    """Open `path` and run `build` on it; the file is closed again if building fails."""
     t0 = time.perf_counter()
     gguf = open_gguf(path)
     try:
-        model = build_model(gguf, backend=backend, numerics=numerics)
-        tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata) if "tokenizer.ggml.tokens" in gguf.metadata else None
+        built = build(gguf)
     except BaseException:
         gguf.close()
         raise
-    return LoadedModel(Path(path), gguf, model, tokenizer, time.perf_counter() - t0)
+    return gguf, built, time.perf_counter() - t0
+
+
+def load_model_file(path: str | Path, backend: str = "auto", numerics: str | None = None) -> LoadedModel:
+    """Memory-map `path`, validate it, build the model and (when the file has a vocabulary) the tokenizer."""
+
+    def build(gguf: GGUFFile) -> tuple[DecoderLM, Tokenizer | None]:
+        model = build_model(gguf, backend=backend, numerics=numerics)
+        has_vocab = "tokenizer.ggml.tokens" in gguf.metadata
+        return model, Tokenizer.from_gguf_metadata(gguf.metadata) if has_vocab else None
+
+    gguf, (model, tokenizer), seconds = _open_and_build(path, build)
+    return LoadedModel(Path(path), gguf, model, tokenizer, seconds)
 
 
 @dataclass
@@ -51,11 +63,5 @@ class LoadedAssistant:
 
 def load_assistant_file(path: str | Path, target: DecoderLM, backend: str = "auto", **options) -> LoadedAssistant:
     """Memory-map an MTP assistant GGUF and bind it to the loaded `target` model (see registry.build_assistant)."""
-    t0 = time.perf_counter()
-    gguf = open_gguf(path)
-    try:
-        model = build_assistant(gguf, target, backend=backend, **options)
-    except BaseException:
-        gguf.close()
-        raise
-    return LoadedAssistant(Path(path), gguf, model, time.perf_counter() - t0)
+    gguf, model, seconds = _open_and_build(path, lambda g: build_assistant(g, target, backend=backend, **options))
+    return LoadedAssistant(Path(path), gguf, model, seconds)
