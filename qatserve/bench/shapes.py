@@ -84,6 +84,15 @@ class Shape:
         last_full = self.arch != "gemma3"
         return tuple((i + 1) % self.full_period == 0 or (last_full and i == self.layers - 1) for i in range(self.layers))
 
+    def kv_layout(self) -> tuple[tuple[tuple[int, int, int] | None, ...], tuple[int, ...]]:
+        """(per-layer (n_kv, head_dim_k, head_dim_v) or None for a KV-shared layer, per-layer window):
+        what engine.kv_cache.KVLayout takes, for sizing a cache of this shape without weights."""
+        first_shared = self.layers - self.kv_shared
+        shapes = tuple(None if il >= first_shared else (self.kv(il)[0], self.kv(il)[1], self.kv(il)[1])
+                       for il in range(self.layers))
+        windows = tuple(0 if full else self.window for full in self.full_layers)
+        return shapes, windows
+
     def kv(self, il: int) -> tuple[int, int]:
         """(kv heads, head dim) of layer il."""
         if self.arch != "gemma3" and self.full_layers[il]:

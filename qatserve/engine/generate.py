@@ -1,76 +1,68 @@
-"""Single-sequence generation loop: chunked prefill, decode, sampling, stop conditions, timings.
+"""Single-sequence generation: the engine with one slot, plus whole-sequence scoring.
 
-The batched, paged engine (continuous batching) builds on the same model call; this loop is what
-`qatserve run` and the golden tests use.
+`Generator` keeps the simple API the CLI's first version, the golden tests and the benchmarks use; it
+defaults to an f32 KV cache (the exact reference path that the logits tests compare with transformers).
+`LLM` (engine/llm.py) is the user-facing API with llama.cpp's defaults (f16 KV).
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
-from qatserve.engine.kv_cache import ContiguousKVCache
-from qatserve.engine.sampler import Sampler, SamplingParams
-from qatserve.engine.stop import StopMatcher
-from qatserve.errors import RequestError
+from qatserve.engine.batch import SequenceView
+from qatserve.engine.engine import Engine, EngineConfig
+from qatserve.engine.kv_cache import KVCacheOptions
+from qatserve.engine.request import GenerationResult, Timings, TokenOut
+from qatserve.engine.sampler import SamplingParams
 from qatserve.formats.tokenizer import Tokenizer
 from qatserve.models.common import DecoderLM
 
+__all__ = ["Generator", "TokenOut", "Timings", "GenerationResult", "score_tokens"]
 
-@dataclass
-class TokenOut:
-    """One generated token and the text it makes visible now ("" while held back).
-
-    token == -1 marks the final text-only event that flushes what the stream decoder or the stop
-    matcher still held back when generation ended."""
-
-    token: int
-    text: str
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
+F32 = KVCacheOptions("f32", "f32")
 
 
-@dataclass
-class Timings:
-    prompt_n: int = 0
-    prompt_ms: float = 0.0
-    predicted_n: int = 0
-    predicted_ms: float = 0.0
+def score_tokens(model: DecoderLM, tokens: list[int], kv: KVCacheOptions | None = None,
+                 chunk: int = 512) -> torch.Tensor:
+    """Logits at every position of `tokens` from an empty cache: float32 [T, V] (audits, tests).
 
-    @property
-    def prompt_per_second(self) -> float:
-        return 1000.0 * self.prompt_n / self.prompt_ms if self.prompt_ms else 0.0
-
-    @property
-    def predicted_per_second(self) -> float:
-        return 1000.0 * self.predicted_n / self.predicted_ms if self.predicted_ms else 0.0
-
-
-@dataclass
-class GenerationResult:
-    tokens: list[int]
-    text: str
-    finish_reason: str  # "stop" (EOS/EOT/stop string), "length" (max tokens), "context" (context full)
-    timings: Timings
+    `kv` picks the K/V storage (default f32); prompt rows run exactly as in the engine."""
+    view = SequenceView.for_model(model, max(len(tokens), 1), kv or F32)
+    out = []
+    with torch.inference_mode():
+        for lo in range(0, len(tokens), chunk):
+            ids = torch.tensor(tokens[lo : lo + chunk], dtype=torch.long)
+            out.append(model(ids, torch.arange(lo, lo + ids.numel()), view, all_logits=True))
+    return torch.cat(out)
 
 
 class Generator:
-    """Runs one request at a time against a model with its own KV cache."""
+    """Runs one request at a time (an engine with one slot)."""
 
-    def __init__(self, model: DecoderLM, tokenizer: Tokenizer | None, n_ctx: int = 4096, prefill_chunk: int = 512):
+    def __init__(self, model: DecoderLM, tokenizer: Tokenizer | None, n_ctx: int = 4096, prefill_chunk: int = 512,
+                 kv: KVCacheOptions | None = None):
         self.model = model
         self.tokenizer = tokenizer
         # n_ctx <= 0: the model's trained context, as llama.cpp's -c 0.
         self.n_ctx = model.config.context_length if n_ctx <= 0 else n_ctx
         self.prefill_chunk = prefill_chunk
-        self.cache = ContiguousKVCache(model.config, self.n_ctx)
+        self.kv = kv or F32
+        self.engine = Engine(model, tokenizer, EngineConfig(
+            n_ctx=self.n_ctx, n_slots=1, max_batch_tokens=max(32, -(-prefill_chunk // 32) * 32), kv=self.kv))
+        self._view: SequenceView | None = None
         self.last: GenerationResult | None = None
 
+    @property
+    def cache(self) -> SequenceView:
+        """A single-sequence cache for driving the model by hand (tests, benchmarks)."""
+        if self._view is None:
+            self._view = SequenceView.for_model(self.model, self.n_ctx, self.kv)
+        return self._view
+
     def prefill(self, prompt: list[int], start: int = 0) -> torch.Tensor:
-        """Run prompt[start:] through the model (cache already holds prompt[:start]); last logits [V]."""
+        """Run prompt[start:] through `self.cache` (which holds prompt[:start]); last logits [V]."""
         logits = None
         for lo in range(start, len(prompt), self.prefill_chunk):
             chunk = torch.tensor(prompt[lo : lo + self.prefill_chunk], dtype=torch.long)
@@ -80,66 +72,13 @@ class Generator:
 
     def logits_all(self, tokens: list[int]) -> torch.Tensor:
         """Logits at every position of `tokens` from an empty cache: [T, V] (for audits and tests)."""
-        self.cache.truncate(0)
-        out = []
-        for lo in range(0, len(tokens), self.prefill_chunk):
-            chunk = torch.tensor(tokens[lo : lo + self.prefill_chunk], dtype=torch.long)
-            out.append(self.model(chunk, torch.arange(lo, lo + chunk.numel()), self.cache, all_logits=True))
-        return torch.cat(out)
+        return score_tokens(self.model, tokens, self.kv, self.prefill_chunk)
 
     def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[TokenOut]:
         """Yield tokens as they are generated; the summary lands in self.last when the iterator ends."""
-        if not prompt:
-            raise RequestError("empty prompt: nothing to condition on")
-        n_vocab = self.model.config.n_vocab
-        bad = [t for t in prompt if not 0 <= t < n_vocab]
-        if bad:
-            raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})")
-        if len(prompt) >= self.n_ctx:
-            raise RequestError(f"prompt of {len(prompt)} tokens does not fit in a context of {self.n_ctx}")
-        sampler = Sampler(params, n_vocab)
-        stops = StopMatcher(params.stop)
-        decoder = self.tokenizer.stream_decoder(skip_special=True) if self.tokenizer else None
-        stop_ids = self.tokenizer.stop_ids if self.tokenizer else frozenset()
-        timings = Timings(prompt_n=len(prompt))
-        history = list(prompt)
-        generated: list[int] = []
-        text_parts: list[str] = []
-        finish = "length"
-
-        self.cache.truncate(0)
-        t0 = time.perf_counter()
-        logits = self.prefill(prompt)
-        timings.prompt_ms = 1000 * (time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        while True:
-            res = sampler.sample(logits, history)
-            generated.append(res.token)
-            history.append(res.token)
-            timings.predicted_n += 1
-            if res.token in stop_ids:
-                finish = "stop"
-                break
-            text = stops.push(decoder.push(res.token)) if decoder else ""
-            text_parts.append(text)
-            yield TokenOut(res.token, text, res.logprob, res.top)
-            if stops.stopped:
-                finish = "stop"
-                break
-            if len(generated) >= params.max_tokens:
-                break
-            if len(history) >= self.n_ctx:
-                finish = "context"
-                break
-            pos = len(history) - 1
-            logits = self.model(torch.tensor([res.token]), torch.tensor([pos]), self.cache)[-1]
-        timings.predicted_ms = 1000 * (time.perf_counter() - t0)
-        if decoder and not stops.stopped:
-            tail = stops.push(decoder.flush()) + stops.flush()
-            if tail:
-                text_parts.append(tail)
-                yield TokenOut(-1, tail, 0.0)
-        self.last = GenerationResult(generated, "".join(text_parts), finish, timings)
+        req = self.engine.add_request(prompt, params)
+        yield from self.engine.stream(req)
+        self.last = req.result
 
     def generate(self, prompt: list[int], params: SamplingParams) -> GenerationResult:
         for _ in self.stream(prompt, params):

@@ -155,3 +155,15 @@ def default_template(arch: str) -> str | None:
     if arch in ("gemma", "gemma2", "gemma3", "gemma3n", "gemma4"):
         return GEMMA
     return None
+
+
+def chat_prompt_ids(tokenizer, arch: str, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """Render `messages` with the model's template (the GGUF's, else the built-in one for `arch`, else
+    ChatML) and tokenise it. The template writes BOS itself when it wants one, so none is added twice."""
+    tok = tokenizer
+    template = tok.chat_template or default_template(arch) or CHATML
+    bos = tok.token_piece(tok.bos_id) if tok.bos_id is not None else ""
+    eos = tok.token_piece(tok.eos_id) if tok.eos_id is not None else ""
+    rendered = render_chat(template, messages, add_generation_prompt=add_generation_prompt, bos_token=bos,
+                           eos_token=eos)
+    return tok.encode(rendered, add_bos=False if bos and rendered.startswith(bos) else None)

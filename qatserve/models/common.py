@@ -21,17 +21,18 @@ if TYPE_CHECKING:
 
 
 class AttentionCache(Protocol):
-    """What a model needs from a KV cache: store this step's K/V for a layer, get back what to attend to."""
+    """What a model needs from a KV cache: store this step's K/V for a layer and attend to the cache.
 
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, window: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Store k [T, Hkv, D], v [T, Hkv, Dv] at `positions` [T].
+    engine/batch.py's StepBatch implements it for one sequence or a batch of several (each row attends
+    only to its own sequence); the cache owns storage types, rotation and which keys a row may see.
+    """
 
-        Returns (keys [S, Hkv, D], values [S, Hkv, Dv], key_positions [S]) covering every position an
-        attention query of this step may see, and (for T == 1) no other: `window` > 0 lets the cache
-        drop keys older than that.
-        """
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+               positions: torch.Tensor, *, scale: float, window: int = 0, softcap: float = 0.0,
+               attention: Callable) -> torch.Tensor:
+        """Store k [T, Hkv, D], v [T, Hkv, Dv] of `layer` at `positions` [T] (k = v = None: a layer
+        that reads `layer`'s K/V without writing), then return attention(q [T, H, D]) [T, H * Dv] over
+        every key each row may see (causal; `window` > 0: only the last `window` positions)."""
         ...
 
 
@@ -307,9 +308,8 @@ class SelfAttention(torch.nn.Module):
         tables = step.rope_tables(self.rope)
         q = self.rope.apply(q, tables)
         k = self.rope.apply(k, tables)
-        keys, values, k_pos = cache.update(self.layer, k, v, step.positions, self.window)
-        out = nx.attention(q, keys, values, step.positions, k_pos, scale=self.scale, window=self.window,
-                           softcap=self.softcap)
+        out = cache.attend(self.layer, q, k, v, step.positions, scale=self.scale, window=self.window,
+                           softcap=self.softcap, attention=nx.attention)
         return self.wo(out)
 
 
@@ -345,9 +345,16 @@ class DecoderLM(torch.nn.Module):
         positions: torch.Tensor,
         cache: AttentionCache,
         all_logits: bool = False,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tokens [T] int64, positions [T] int64 -> logits [T, n_vocab] (all_logits) or [1, n_vocab] (last)."""
-        h = self.hidden_states(tokens, positions, cache)
-        if not all_logits:
+        """tokens [T] int64, positions [T] int64 -> logits [T, n_vocab] (all_logits), [len(rows), n_vocab]
+        (rows: the rows whose next token is wanted), or [1, n_vocab] (the last row)."""
+        return self.logits(self.hidden_states(tokens, positions, cache), all_logits, rows)
+
+    def logits(self, h: torch.Tensor, all_logits: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """LM head on final-normed hidden states h [T, n_embd] (all rows, `rows`, or the last)."""
+        if rows is not None:
+            h = h[rows]
+        elif not all_logits:
             h = h[-1:]
         return softcap(self.output(h), self.final_softcap)

@@ -194,15 +194,6 @@ def _full_rope(cfg: Gemma4Config, w: WeightLoader) -> Rope:
     return rope
 
 
-class Gemma4Step(StepInputs):
-    """StepInputs plus, per KV-owning layer, what its cache returned this step: (keys, values, key
-    positions). A KV-shared layer of the same type reads exactly that (same window, same positions)."""
-
-    def __init__(self, positions: torch.Tensor):
-        super().__init__(positions)
-        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-
 class Gemma4Attention(torch.nn.Module):
     """Q (and, on layers that own K/V, K and V) projections, per-head norms, RoPE, cache, attention."""
 
@@ -233,7 +224,7 @@ class Gemma4Attention(torch.nn.Module):
             self.wqkv = w.linear(p + "attn_q.weight", e, nq * hd)
         self.k_norm = w.vector(p + "attn_k_norm.weight", hd) if owns else None
 
-    def forward(self, x: torch.Tensor, step: Gemma4Step, cache: AttentionCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: StepInputs, cache: AttentionCache) -> torch.Tensor:
         """x [T, n_embd] (already attn-normed) -> [T, n_embd]."""
         T, hd = x.shape[0], self.head_dim
         proj = self.wqkv(x)
@@ -248,10 +239,12 @@ class Gemma4Attention(torch.nn.Module):
             # (normed with a weight, then roped) and V still differ and both are cached.
             v = F.rms_norm(vraw, (hd,), None, self.eps)
             k = self.rope.apply(rms_norm(kraw, self.k_norm, self.eps), tables)
-            step.kv[self.layer] = cache.update(self.layer, k, v, step.positions, self.window)
-        keys, values, k_pos = step.kv[self.source]
+        else:
+            # A KV-shared layer attends to what its source layer (same type, earlier) stored this step.
+            k = v = None
         # Gemma 4 has no query pre-scaling: the q/k norms set the logit scale, so scale is exactly 1.
-        out = attention(q, keys, values, step.positions, k_pos, scale=1.0, window=self.window)
+        out = cache.attend(self.source, q, k, v, step.positions, scale=1.0, window=self.window,
+                           attention=attention)
         return self.wo(out)
 
 
@@ -281,7 +274,7 @@ class Gemma4Block(torch.nn.Module):
         # Optional in llama.cpp's loader (absent = 1); present in every released file.
         self.out_scale = w.vector(p + "layer_output_scale.weight", 1) if w.has(p + "layer_output_scale.weight") else None
 
-    def forward(self, h: torch.Tensor, step: Gemma4Step, cache: AttentionCache,
+    def forward(self, h: torch.Tensor, step: StepInputs, cache: AttentionCache,
                 ple: torch.Tensor | None = None) -> torch.Tensor:
         """h [T, n_embd], ple [T, D] (this layer's per-layer input) -> [T, n_embd]."""
         a = self.attn(rms_norm(h, self.attn_norm, self.eps), step, cache)
@@ -354,7 +347,7 @@ class Gemma4(DecoderLM):
 
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor, cache: AttentionCache) -> torch.Tensor:
         """tokens [T], positions [T] -> final-normed hidden states [T, n_embd]."""
-        step = Gemma4Step(positions)
+        step = StepInputs(positions)
         h = self.embed(tokens)
         ple = self.per_layer_inputs(tokens, h) if self.ple_embd is not None else None
         for il, block in enumerate(self.blocks):

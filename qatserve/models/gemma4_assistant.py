@@ -42,7 +42,7 @@ ORDERING = ("masked_embd_ordering", "masked_embd_ordering.weight")
 
 
 class SharedKVReader(Protocol):
-    """What the assistant needs from the target's cache (engine.kv_cache.ContiguousKVCache has it)."""
+    """What the assistant needs from the target's cache (engine.kv_cache.SeqKV and engine.batch.SequenceView have it)."""
 
     def read(self, layer: int, end: int, n: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """K/V of `layer` at positions [max(0, end - n), end) (n = 0: from 0): keys [S, Hkv, D],

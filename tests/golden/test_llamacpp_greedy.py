@@ -31,6 +31,7 @@ import pytest
 import torch
 
 from qatserve.engine.generate import Generator
+from qatserve.engine.kv_cache import KVCacheOptions
 from qatserve.engine.loader import load_model_file
 from qatserve.engine.sampler import SamplingParams
 from tests.conftest import gemma3_270m_path, smollm2_path
@@ -64,7 +65,8 @@ def test_prompt_tokens_match(model_and_fixture):
 
 def test_greedy_agrees_with_llamacpp(model_and_fixture):
     name, loaded, cases = model_and_fixture
-    gen = Generator(loaded.model, loaded.tokenizer, n_ctx=512)
+    # f16 K/V: llama.cpp's default, with which the fixtures were recorded.
+    gen = Generator(loaded.model, loaded.tokenizer, n_ctx=512, kv=KVCacheOptions("f16", "f16"))
     params = SamplingParams(temperature=0.0, max_tokens=32)
     identical, report = 0, []
     for case in cases:

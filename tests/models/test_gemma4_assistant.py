@@ -19,7 +19,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from qatserve.convert.hf_to_gguf import convert  # noqa: E402
-from qatserve.engine.kv_cache import ContiguousKVCache  # noqa: E402
+from qatserve.engine.batch import SequenceView  # noqa: E402
 from qatserve.engine.loader import load_assistant_file, load_model_file  # noqa: E402
 from qatserve.errors import ModelError  # noqa: E402
 from qatserve.formats.gguf_reader import open_gguf  # noqa: E402
@@ -142,7 +142,7 @@ def _hf_draft(target, amodel, kv, token: int, hidden: torch.Tensor, pos: int, st
 
 def _qat_target(path, tokens):
     loaded = load_model_file(path, backend="torch")
-    cache = ContiguousKVCache(loaded.model.config, n_ctx=128)
+    cache = SequenceView.for_model(loaded.model, n_ctx=128)
     with torch.inference_mode():
         # chunked prefill, as the generator does
         hidden = torch.cat([loaded.model.hidden_states(torch.tensor(tokens[i:i + 16]),

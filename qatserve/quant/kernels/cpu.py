@@ -161,9 +161,15 @@ def build_model(w: NBitsWeights, accuracy_level: int):
         # Per-block min: sum_k x_k * c_blk(k) = (sum of x over each 32-block) @ C^T, a K/32-wide matmul.
         inits += [ext("C", w.offsets), helper.make_tensor("shape", TensorProto.INT64, [3], [0, w.K // 32, 32]),
                   helper.make_tensor("axes", TensorProto.INT64, [1], [2])]
+        # MLAS's MatMul takes a GEMV path at M = 1 whose rounding differs from M >= 2 (kernels/dense.py);
+        # the row sums are stacked twice so that a lone row is computed exactly as in a batch.
+        inits += [helper.make_tensor("zero", TensorProto.INT64, [1], [0])]
         nodes += [helper.make_node("Reshape", ["X", "shape"], ["Xb"]),
                   helper.make_node("ReduceSum", ["Xb", "axes"], ["Xs"], keepdims=0),
-                  helper.make_node("MatMul", ["Xs", "C"], ["Yc"]),
+                  helper.make_node("Concat", ["Xs", "Xs"], ["Xs2"], axis=0),
+                  helper.make_node("MatMul", ["Xs2", "C"], ["Yc2"]),
+                  helper.make_node("Shape", ["X"], ["M"], start=0, end=1),
+                  helper.make_node("Slice", ["Yc2", "zero", "M", "zero"], ["Yc"]),
                   helper.make_node("Add", ["Y0", "Yc"], ["Y"])]
     graph = helper.make_graph(nodes, "quant_linear", inputs,
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", w.N])], inits)

@@ -32,6 +32,7 @@ __all__ = [
     "hadamard",
     "hadamard_matrix",
     "rotation_applies",
+    "k_rotation_group",
 ]
 
 KV_TYPES = frozenset({"f32", "f16", "bf16", "q8_0", "q4_0"})
@@ -148,6 +149,28 @@ def hadamard(x: torch.Tensor, group: int = ROTATION_GROUP) -> torch.Tensor:
     # A dense [group, group] matmul (what llama.cpp does too) rather than log2(group) butterfly stages:
     # measured on CPU (1 thread) it is ~7-10x faster from one decode row (8 heads x 256) up to a 512-token
     # prefill, because each butterfly stage is several eager ops over the whole tensor while the GEMM is one.
+    if x.device.type == "cpu":
+        # MLAS, not torch.matmul: each row's result must not depend on how many rows are rotated
+        # together (a token's K is rotated in a prefill chunk or alone; kernels/dense.py).
+        mm = _H_DENSE.get(group)
+        if mm is None:
+            from .dense import DenseMatmul
+
+            mm = _H_DENSE[group] = DenseMatmul(hadamard_matrix(group))
+        return mm(x.reshape(-1, group)).reshape(x.shape).to(x.dtype)
     h = hadamard_matrix(group, x.device)
     y = torch.matmul(x.reshape(-1, group).to(torch.float32), h)
     return y.reshape(x.shape).to(x.dtype)
+
+
+_H_DENSE: dict[int, object] = {}
+
+
+def k_rotation_group(head_dim: int) -> int:
+    """llama.cpp's K rotation size: the largest power of two (>= 64) dividing the head dim (256 for a
+    256-wide head, 512 for 512). V always rotates in groups of ROTATION_GROUP (llama.cpp measured the
+    smaller V rotation to be better; llama-kv-cache.cpp build_input_{k,v}_rot)."""
+    n = ROTATION_GROUP
+    while head_dim % (2 * n) == 0:
+        n *= 2
+    return n

@@ -1,0 +1,271 @@
+"""The engine core: slots, continuous batching, chunked prefill, prefix caching, stop conditions.
+
+One `step()` = one model forward over a mixed batch: one row for every slot that is generating, then
+prompt chunks of the slots still reading their prompt (oldest first) up to `max_batch_tokens` rows.
+Requests join (from a FIFO queue, when a slot is free) and leave between steps, so a long prompt is
+read over several steps while other slots keep generating. Single-threaded by design: the server's
+AsyncEngine runs `step()` on its own thread and hands requests and cancellations over between steps.
+
+Output does not depend on the batch (engine/batch.py says how): a request's tokens are identical alone
+or among others, with or without prefix caching.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from qatserve.engine.batch import PROMPT_SUBBLOCK, Segment, StepBatch
+from qatserve.engine.kv_cache import KVCacheOptions, PagedKVCache
+from qatserve.engine.request import GenerationResult, Request, State, TokenOut
+from qatserve.engine.sampler import SamplingParams
+from qatserve.errors import RequestError
+
+
+class QueueFull(RequestError):
+    """Every slot is busy and the waiting queue is at its limit (HTTP 503 / 429)."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """llama.cpp's names: -c (n_ctx, total over all slots; 0 = the model's trained context), -np
+    (n_slots), -b (max_batch_tokens), -ctk/-ctv and rotation (kv)."""
+
+    n_ctx: int = 4096
+    n_slots: int = 1
+    max_batch_tokens: int = 512
+    max_queue: int = 256
+    kv: KVCacheOptions = field(default_factory=KVCacheOptions)
+
+    def __post_init__(self):
+        if self.n_slots < 1:
+            raise RequestError(f"-np (parallel slots) must be at least 1, got {self.n_slots}")
+        if self.max_batch_tokens < PROMPT_SUBBLOCK:
+            raise RequestError(f"batch size must be at least {PROMPT_SUBBLOCK} tokens, got {self.max_batch_tokens}")
+        if self.max_queue < 0:
+            raise RequestError(f"queue limit must be >= 0, got {self.max_queue}")
+
+
+@dataclass
+class EngineStats:
+    """Counters for /metrics (monotonic) and gauges read by the server."""
+
+    prompt_tokens: int = 0  # prompt rows computed (not counting prefix-cache hits)
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    requests_finished: int = 0
+    steps: int = 0
+    busy_seconds: float = 0.0
+    draft_tokens: int = 0
+    draft_accepted: int = 0
+
+
+class Engine:
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        cfg = config or EngineConfig()
+        n_ctx = cfg.n_ctx if cfg.n_ctx > 0 else model.config.context_length
+        self.config = cfg
+        self.n_vocab = model.config.n_vocab
+        self.cache = PagedKVCache(model, n_ctx, cfg.n_slots, cfg.kv, max_step_tokens=cfg.max_batch_tokens)
+        self.n_ctx_slot = self.cache.n_ctx_seq
+        self.slots: list[Request | None] = [None] * cfg.n_slots
+        self.waiting: deque[Request] = deque()
+        self.requests: dict[str, Request] = {}
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+
+    # -- requests ----------------------------------------------------------------------------------
+    def add_request(self, prompt: list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> Request:
+        """Validate and queue a request. Raises RequestError (bad prompt) or QueueFull."""
+        params = params or SamplingParams()
+        if not prompt:
+            raise RequestError("empty prompt: nothing to condition on")
+        bad = [t for t in prompt if not (isinstance(t, int) and 0 <= t < self.n_vocab)]
+        if bad:
+            raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
+        if len(prompt) >= self.n_ctx_slot:
+            raise RequestError(f"prompt of {len(prompt)} tokens does not fit in a slot context of "
+                               f"{self.n_ctx_slot} (-c {self.cache.n_ctx} / -np {self.config.n_slots})")
+        busy = all(s is not None for s in self.slots)
+        if busy and len(self.waiting) >= self.config.max_queue:
+            raise QueueFull(f"server busy: {len(self.waiting)} requests already waiting")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise RequestError(f"request id {rid!r} is already in use")
+        req = Request(rid, prompt, params, self.n_vocab, self.tokenizer)
+        self.requests[rid] = req
+        self.waiting.append(req)
+        return req
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request now; its slot and KV blocks are free when this returns."""
+        req = self.requests.get(request_id)
+        if req is None or req.state is State.FINISHED:
+            return False
+        if req.state is State.WAITING:
+            self.waiting.remove(req)
+        self._finish(req, "abort", flush=False)
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(s is not None for s in self.slots)
+
+    def n_running(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    # -- one step ----------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        for i, s in enumerate(self.slots):
+            if s is not None or not self.waiting:
+                continue
+            req = self.waiting.popleft()
+            req.seq = self.cache.new_sequence()
+            req.computed = req.seq.match_prefix(req.prompt)
+            req.timings.cache_n = req.computed
+            self.stats.cached_tokens += req.computed
+            req.state, req.slot = State.RUNNING, i
+            self.slots[i] = req
+
+    def _plan(self) -> list[tuple[Request, int, bool]]:
+        """(request, rows, prompt?) for this step: generating slots first, then prompt chunks."""
+        budget = self.config.max_batch_tokens
+        plan = []
+        running = [r for r in self.slots if r is not None]
+        for r in running:
+            if not r.in_prompt:
+                plan.append((r, 1, False))
+                budget -= 1
+        first = True
+        for r in sorted((r for r in running if r.in_prompt), key=lambda r: r.arrival):
+            if budget <= 0 and not first:
+                break
+            end = min(len(r.prompt), r.computed + max(budget, 0))
+            if end < len(r.prompt):
+                end -= end % PROMPT_SUBBLOCK  # chunks end on sub-block boundaries (batch invariance)
+            if end <= r.computed:
+                if not first:
+                    continue
+                # Generating rows left less than a sub-block: the oldest prompt still advances by one
+                # (the batch overshoots by < 32 rows) instead of starving behind them.
+                end = min(len(r.prompt), r.computed + PROMPT_SUBBLOCK - r.computed % PROMPT_SUBBLOCK)
+            first = False
+            plan.append((r, end - r.computed, True))
+            budget -= end - r.computed
+        return plan
+
+    @torch.inference_mode()
+    def step(self) -> list[Request]:
+        """Run one forward; returns the requests that produced output or finished in it."""
+        self._admit()
+        plan = self._plan()
+        if not plan:
+            return []
+        t0 = time.perf_counter()
+        segments, tokens, sample_rows, sample_reqs = [], [], [], []
+        row = 0
+        for r, n, prompt in plan:
+            if r.t_prompt_start is None:
+                r.t_prompt_start = t0
+            toks = r.prompt[r.computed : r.computed + n] if prompt else [r.history[-1]]
+            segments.append(Segment(r.seq, row, r.computed, n, prompt))
+            tokens.extend(toks)
+            row += n
+            if not prompt or r.computed + n == len(r.prompt):
+                sample_rows.append(row - 1)
+                sample_reqs.append(r)
+        batch = StepBatch(self.cache, segments)
+        hidden = self.model.hidden_states(torch.tensor(tokens, dtype=torch.long), batch.positions, batch)
+        logits = self.model.logits(hidden, rows=torch.tensor(sample_rows)) if sample_rows else None
+        for r, n, prompt in plan:
+            r.computed += n
+            r.seq.commit(r.computed, len(r.prompt))
+            if prompt:
+                self.stats.prompt_tokens += n
+        t1 = time.perf_counter()
+        for j, r in enumerate(sample_reqs):
+            self._sample(r, logits[j], t1)
+        self.stats.steps += 1
+        self.stats.busy_seconds += time.perf_counter() - t0
+        return [r for r, _, _ in plan]
+
+    def _sample(self, r: Request, logits: torch.Tensor, now: float) -> None:
+        res = r.sampler.sample(logits, r.history)
+        if r.t_first_token is None:
+            r.t_first_token = now
+            r.timings.prompt_n = len(r.prompt) - r.timings.cache_n
+            r.timings.prompt_ms = 1000 * (now - r.t_prompt_start)
+        r.generated.append(res.token)
+        r.timings.predicted_n += 1
+        self.stats.generated_tokens += 1
+        if res.token in r.stop_ids:
+            r.stop_reason = res.token
+            self._finish(r, "stop")
+            return
+        text = r.stops.push(r.decoder.push(res.token)) if r.decoder else ""
+        r.text_parts.append(text)
+        r.emit(TokenOut(res.token, text, res.logprob, res.top))
+        if r.stops.stopped:
+            r.stop_reason = next((s for s in r.params.stop if s in "".join(r.text_parts) + r.stops.pending), None)
+            self._finish(r, "stop", flush=False)
+        elif len(r.generated) >= r.params.max_tokens:
+            self._finish(r, "length")
+        elif len(r.prompt) + len(r.generated) >= self.n_ctx_slot:
+            self._finish(r, "context")
+
+    def _finish(self, r: Request, reason: str, flush: bool = True) -> None:
+        now = time.perf_counter()
+        if flush and r.decoder is not None and not r.stops.stopped:
+            tail = r.stops.push(r.decoder.flush()) + r.stops.flush()
+            if tail:
+                r.text_parts.append(tail)
+                r.emit(TokenOut(-1, tail, 0.0))
+        if r.t_first_token is not None:
+            r.timings.predicted_ms = 1000 * (now - r.t_first_token)
+        r.finish_reason = reason
+        r.state = State.FINISHED
+        if r.seq is not None:
+            r.seq.free()
+            r.seq = None
+        if 0 <= r.slot < len(self.slots) and self.slots[r.slot] is r:
+            self.slots[r.slot] = None
+        r.result = GenerationResult(list(r.generated), "".join(r.text_parts), reason, r.timings,
+                                    len(r.prompt), r.stop_reason, r.id)
+        self.requests.pop(r.id, None)
+        self.stats.requests_finished += 1
+        r.emit(None)
+
+    def stream(self, req: Request):
+        """Step the engine until `req` finishes, yielding its TokenOuts as they come (other requests run
+        alongside). Closing the iterator early cancels the request."""
+        try:
+            while req.result is None:
+                self.step()
+                while req.outputs:
+                    yield req.outputs.popleft()
+        finally:
+            if req.result is None:
+                self.abort(req.id)
+        while req.outputs:
+            yield req.outputs.popleft()
+
+    def run_until_done(self) -> None:
+        while self.has_work():
+            self.step()
+
+    # -- introspection -----------------------------------------------------------------------------
+    def slot_info(self) -> list[dict]:
+        out = []
+        for i, r in enumerate(self.slots):
+            d = {"id": i, "n_ctx": self.n_ctx_slot, "is_processing": r is not None}
+            if r is not None:
+                d.update(id_task=r.id, n_prompt_tokens=len(r.prompt), n_past=r.computed,
+                         n_decoded=len(r.generated), state="prompt" if r.in_prompt else "generating")
+            out.append(d)
+        return out
