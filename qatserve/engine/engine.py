@@ -212,7 +212,7 @@ class Engine:
         r.text_parts.append(text)
         r.emit(TokenOut(res.token, text, res.logprob, res.top))
         if r.stops.stopped:
-            r.stop_reason = next((s for s in r.params.stop if s in "".join(r.text_parts) + r.stops.pending), None)
+            r.stop_reason = r.stops.hit
             self._finish(r, "stop", flush=False)
         elif len(r.generated) >= r.params.max_tokens:
             self._finish(r, "length")

@@ -8,6 +8,7 @@ class StopMatcher:
         self.stops = tuple(s for s in stops if s)
         self.pending = ""
         self.stopped = False
+        self.hit: str | None = None  # the stop string that ended the text
 
     def push(self, text: str) -> str:
         """Feed newly decoded text; return what can be shown now (text before a stop string is kept)."""
@@ -17,10 +18,11 @@ class StopMatcher:
         if not self.stops:
             out, self.pending = self.pending, ""
             return out
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for i, s in ((self.pending.find(s), s) for s in self.stops) if i >= 0]
         if hits:
             self.stopped = True
-            out, self.pending = self.pending[: min(hits)], ""
+            at, self.hit = min(hits, key=lambda h: h[0])
+            out, self.pending = self.pending[:at], ""
             return out
         # Hold back the longest tail that is a prefix of some stop string.
         hold = 0
