@@ -77,3 +77,24 @@ def test_long_prompt_does_not_stall_generating_slot(tiny_gemma3):
         assert long.in_prompt
     # 1 generating row + the oldest prompt's next 32-row sub-block per step (the budget is 32).
     assert long.computed == 5 * 32
+
+
+def test_real_model_concurrent_equals_alone(gemma_path):
+    """The default model (Q4_K/Q5_0/Q6_K/Q8_0 kernels, sliding window 512): 8 requests, two of them longer
+    than the window, give the same greedy tokens together as alone."""
+    from qatserve.engine.llm import LLM
+
+    llm = LLM(gemma_path, n_ctx=8 * 1024, n_slots=8)
+    text = open("/usr/share/common-licenses/GPL-3").read()
+    prompts = [llm.tokenize(text[i * 500 : i * 500 + n]) for i, n in enumerate([2400, 40, 300, 2700, 9, 120, 800, 60])]
+    assert sum(len(p) > 512 for p in prompts) == 2
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    together = [r.tokens for r in llm.generate(prompts, params)]
+    alone = []
+    for p in prompts:
+        eng = Engine(llm.model, llm.tokenizer, EngineConfig(n_ctx=1024, n_slots=1,
+                                                            kv=KVCacheOptions(prefix_cache=False)))
+        req = eng.add_request(p, params)
+        eng.run_until_done()
+        alone.append(req.result.tokens)
+    assert together == alone
