@@ -1,4 +1,4 @@
-"""`qatserve` command line: run, inspect, convert, synth.
+"""`qatserve` command line: run, serve, inspect, convert, synth, quantize, audit.
 
 stdout carries only generated text (or the inspect report); progress and timings go to stderr, so
 `qatserve run -n 32 --temp 0 "prompt"` is scriptable. Every expected failure is one line on stderr
@@ -49,8 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the model's chat template")
     run.add_argument("-sys", "--system", metavar="TEXT", help="system message (with --chat)")
     run.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size in tokens (default 4096)")
+    run.add_argument("-ctk", "--cache-type-k", default="f16", metavar="T", help="K cache type: f32, f16, bf16, q8_0, q4_0 (default f16)")
+    run.add_argument("-ctv", "--cache-type-v", default="f16", metavar="T", help="V cache type (default f16)")
+    run.add_argument("--no-kv-rotation", action="store_true", help="store quantised K/V without the Hadamard rotation")
     run.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     run.add_argument("--verbose-prompt", action="store_true", help="print the prompt's token ids to stderr")
+    from qatserve.engine.speculative.flags import add_speculative_args  # speculative decoding (issue 5)
+
+    add_speculative_args(run)
 
     ins = sub.add_parser("inspect", help="print a GGUF file's metadata and tensor table")
     ins.add_argument("path", metavar="MODEL.gguf")
@@ -62,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("out", metavar="OUT.gguf")
     conv.add_argument("--type", default="F32", choices=["F32", "F16", "BF16", "Q8_0", "Q4_0"])
 
+    _quantize_parser(sub)
+    _audit_parser(sub)
+    _serve_parser(sub)
+
     syn = sub.add_parser("synth", help="write a GGUF with random weights in the exact layout of a released model")
     syn.add_argument("shape", nargs="?", metavar="SHAPE", help="e.g. gemma3-27b, gemma4-31b, gemma4-e2b-assistant (see --list)")
     syn.add_argument("out", nargs="?", metavar="OUT.gguf")
@@ -69,6 +79,56 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--list", action="store_true", help="print every shape with its computed size and exit")
     syn.add_argument("--seed", type=int, default=0, help="RNG seed of the random blocks (default 0)")
     return parser
+
+
+def _quantize_parser(sub) -> None:
+    from qatserve.quantize import TARGET_TYPES
+
+    types = ", ".join(t.name for t in TARGET_TYPES)
+    q = sub.add_parser(
+        "quantize", help="re-encode a GGUF model's weights (PTQ) with llama-quantize's type rules",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"Post-training quantisation of IN.gguf to OUT.gguf. TYPE: {types}.\n"
+        "Tensors are chosen as llama-quantize chooses them (norms and 1-D tensors keep their type; a row\n"
+        "that does not fit the block size falls back to F16). Difference: where llama.cpp gives output.weight\n"
+        "(or token_embd.weight when tied) Q6_K, qatserve writes Q8_0 (no bit-exact Q6_K encoder); llama.cpp\n"
+        "uses Q8_0 there too when the row length is not a multiple of 256 (e.g. Gemma 3 270M).")
+    q.add_argument("inp", metavar="IN.gguf")
+    q.add_argument("out", metavar="OUT.gguf")
+    q.add_argument("type", metavar="TYPE", help=types)
+    q.add_argument("--keep-embeddings", metavar="TYPE", help="type of token_embd.weight (llama-quantize's --token-embedding-type)")
+    q.add_argument("--tensor-type", action="append", default=[], metavar="REGEX=TYPE",
+                   help="override tensors whose name matches REGEX (re.search; first match wins; repeatable; "
+                        "ignored for a float TYPE, as in llama.cpp)")
+
+
+def _audit_parser(sub) -> None:
+    a = sub.add_parser(
+        "audit", help="KL-divergence / perplexity audit against a reference, as llama-perplexity --kl-divergence",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Scores the second half of each n_ctx-token chunk of the text (first token of a chunk\n"
+        "replaced by BOS, as llama-perplexity) with MODEL and with the reference, and prints llama-perplexity's\n"
+        "KLD summary (PPL of both, PPL ratio, KLD mean/median/percentiles/max, delta-p, same top-1) plus\n"
+        "flips (positions where the greedy answer turns right<->wrong). --ref is a GGUF model (may be MODEL\n"
+        "itself: the reference then uses an f16 KV cache) or a log-prob file from --save-ref or from\n"
+        "llama-perplexity --kl-divergence-base (the same format; it stores the tokens, so -f is not needed).")
+    _model_arg(a)
+    a.add_argument("--ref", required=True, metavar="REF", help="reference: GGUF model or saved log-prob file")
+    a.add_argument("-f", "--file", metavar="TEXT", help="text file to score (not needed with a saved reference)")
+    a.add_argument("-c", "--ctx-size", type=int, default=None, help="tokens per chunk (default 512, or the saved reference's)")
+    a.add_argument("--chunks", type=int, default=-1, help="chunks to score; -1 = all (default)")
+    a.add_argument("-ctk", "--cache-type-k", default="f16", metavar="T", help="K cache type: f32, f16, bf16, q8_0, q4_0 (default f16; the audit scores f32/f16 today)")
+    a.add_argument("-ctv", "--cache-type-v", default="f16", metavar="T", help="V cache type (default f16)")
+    a.add_argument("--no-kv-rotation", action="store_true", help="store quantised K/V without the Hadamard rotation")
+    a.add_argument("--save-ref", metavar="FILE", help="write the reference log-probs (llama.cpp's --kl-divergence-base format)")
+    a.add_argument("--plot", metavar="PNG", help="write a histogram of the per-token KL-divergence")
+    a.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+
+def _serve_parser(sub) -> None:
+    from qatserve.server.command import add_parser  # flags live beside the server (llama-server's names)
+
+    add_parser(sub)
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -89,10 +149,11 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from qatserve.engine.generate import Generator
+    from qatserve.engine.kv_cache import KVCacheOptions
+    from qatserve.engine.llm import LLM
     from qatserve.engine.loader import load_model_file
     from qatserve.engine.sampler import SamplingParams
-    from qatserve.formats.chat_template import CHATML, default_template, render_chat
+    from qatserve.formats.chat_template import chat_prompt_ids
     from qatserve.quant.linear import set_cpu_threads
 
     prompt_text = _read_prompt(args)
@@ -102,6 +163,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
         seed=args.seed, max_tokens=args.n_predict, stop=tuple(args.stop),
     )
+    KVCacheOptions(args.cache_type_k, args.cache_type_v)  # flag errors before the model loads
+    from qatserve.engine.speculative.flags import speculative_config_from_args
+
+    spec = speculative_config_from_args(args)
     if args.threads is not None and args.threads < 1:
         raise RequestError(f"--threads must be at least 1, got {args.threads}")
     set_cpu_threads(args.threads or os.cpu_count() or 1)
@@ -115,29 +180,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": prompt_text})
-        template = tok.chat_template or default_template(loaded.config.arch) or CHATML
-        bos = tok.token_piece(tok.bos_id) if tok.bos_id is not None else ""
-        eos = tok.token_piece(tok.eos_id) if tok.eos_id is not None else ""
-        rendered = render_chat(template, messages, add_generation_prompt=True, bos_token=bos, eos_token=eos)
-        # The template writes BOS itself when it wants one; do not add a second.
-        ids = tok.encode(rendered, add_bos=False if bos and rendered.startswith(bos) else None)
+        ids = chat_prompt_ids(tok, loaded.config.arch, messages)
     else:
         ids = tok.encode(prompt_text)
     if args.verbose_prompt:
         print(f"qatserve: prompt tokens {ids}", file=sys.stderr)
-    gen = Generator(loaded.model, tok, n_ctx=args.ctx_size)
+    llm = LLM(loaded, n_ctx=args.ctx_size, cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v,
+              kv_rotation=not args.no_kv_rotation, speculative=spec)
     out = sys.stdout
-    for step in gen.stream(ids, params):
+    for step in llm.stream(ids, params):
         if step.text:
             out.write(step.text)
             out.flush()
     out.write("\n")
     out.flush()
-    t = gen.last.timings if gen.last else None
-    if t is not None:
+    res = llm.last_result
+    if res is not None:
+        t = res.timings
         print(f"qatserve: prompt {t.prompt_n} tokens, {t.prompt_per_second:.1f} tok/s | "
               f"generated {t.predicted_n} tokens, {t.predicted_per_second:.1f} tok/s | "
-              f"stop: {gen.last.finish_reason}", file=sys.stderr)
+              f"stop: {res.finish_reason}", file=sys.stderr)
+        if spec is not None:
+            print(f"qatserve: draft ({spec.type}) {t.draft_n} tokens, {t.draft_n_accepted} accepted "
+                  f"({100 * t.draft_acceptance_rate:.1f}%), {t.draft_mean_accepted_length:.2f} tokens per "
+                  "verification", file=sys.stderr)
     return 0
 
 
@@ -200,7 +266,38 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "inspect": cmd_inspect, "convert": cmd_convert, "synth": cmd_synth}
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from qatserve.quantize import quantize_file
+
+    def progress(i: int, n: int, plan) -> None:
+        if plan.note:
+            print(f"qatserve: {plan.info.name}: {plan.note}", file=sys.stderr)
+
+    r = quantize_file(args.inp, args.out, args.type, keep_embeddings=args.keep_embeddings,
+                      tensor_types=tuple(args.tensor_type), progress=progress)
+    counts: dict[str, int] = {}
+    for p in r.plans:
+        counts[p.target.name] = counts.get(p.target.name, 0) + 1
+    kinds = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
+    print(f"qatserve: wrote {r.path} ({args.type.upper()}): {len(r.plans)} tensors ({kinds}), "
+          f"{r.bytes_in / 2**20:.2f} MiB -> {r.bytes_out / 2**20:.2f} MiB", file=sys.stderr)
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from qatserve.audit import run_audit_cli
+
+    return run_audit_cli(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from qatserve.server.command import run
+
+    return run(args)
+
+
+COMMANDS = {"run": cmd_run, "inspect": cmd_inspect, "convert": cmd_convert, "synth": cmd_synth,
+            "quantize": cmd_quantize, "audit": cmd_audit, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

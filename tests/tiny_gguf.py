@@ -56,6 +56,8 @@ def write_llama(path: Path, *, meta: dict[str, Any] | None = None, tensors: dict
             w.add_uint32(k, v) if 0 <= v < 2**32 else w.add_uint64(k, v)
         elif isinstance(v, float):
             w.add_float32(k, v)
+        elif isinstance(v, (list, tuple)):
+            w.add_array(k, list(v))  # element type from the first item: str, int32 or float32
         else:
             w.add_string(k, v)
     for name, arr in (llama_tensors() if tensors is None else tensors).items():

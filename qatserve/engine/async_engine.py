@@ -116,13 +116,15 @@ class AsyncEngine:
     async def submit(self, prompt: list[int], params: SamplingParams | None = None,
                      request_id: str | None = None) -> RequestHandle:
         """Queue a request; validation errors (RequestError, QueueFull) are raised here."""
-        if not self._accepting or self.error is not None:
+        if not self._accepting or self.error is not None or not self.running:
             raise EngineStopped("server is shutting down" if self.error is None else "engine failed")
         loop = asyncio.get_running_loop()
         handle = RequestHandle(self, loop)
         done: concurrent.futures.Future = concurrent.futures.Future()
 
         def add() -> None:
+            if not done.set_running_or_notify_cancel():  # the caller was cancelled meanwhile
+                return
             try:
                 req = self.engine.add_request(prompt, params, request_id)
                 req.listener = handle._listener

@@ -22,7 +22,8 @@ import torch
 from qatserve.engine.batch import PROMPT_SUBBLOCK, Segment, StepBatch
 from qatserve.engine.kv_cache import KVCacheOptions, PagedKVCache
 from qatserve.engine.request import GenerationResult, Request, State, TokenOut
-from qatserve.engine.sampler import SamplingParams
+from qatserve.engine.sampler import SampleResult, SamplingParams
+from qatserve.engine.speculative.config import SpeculativeConfig
 from qatserve.errors import RequestError
 
 
@@ -33,13 +34,14 @@ class QueueFull(RequestError):
 @dataclass(frozen=True)
 class EngineConfig:
     """llama.cpp's names: -c (n_ctx, total over all slots; 0 = the model's trained context), -np
-    (n_slots), -b (max_batch_tokens), -ctk/-ctv and rotation (kv)."""
+    (n_slots), -b (max_batch_tokens), -ctk/-ctv and rotation (kv); spec: speculative decoding (None = off)."""
 
     n_ctx: int = 4096
     n_slots: int = 1
     max_batch_tokens: int = 512
     max_queue: int = 256
     kv: KVCacheOptions = field(default_factory=KVCacheOptions)
+    spec: SpeculativeConfig | None = None
 
     def __post_init__(self):
         if self.n_slots < 1:
@@ -62,6 +64,7 @@ class EngineStats:
     busy_seconds: float = 0.0
     draft_tokens: int = 0
     draft_accepted: int = 0
+    draft_steps: int = 0  # verification forwards that carried a draft
 
 
 class Engine:
@@ -79,6 +82,15 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
         self._ids = itertools.count()
+        # Speculative decoding (engine/speculative): the drafter and per-slot block control; drafts of the
+        # step being planned, by request id.
+        self.spec = None
+        self._drafts: dict = {}
+        if cfg.spec is not None and cfg.spec.enabled:
+            from qatserve.engine.speculative.speculator import Speculator
+
+            self.spec = Speculator.build(cfg.spec, model, tokenizer, n_ctx=self.cache.n_ctx, n_seq=cfg.n_slots,
+                                         kv=cfg.kv, stats=self.stats)
 
     # -- requests ----------------------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams | None = None,
@@ -93,8 +105,8 @@ class Engine:
         if len(prompt) >= self.n_ctx_slot:
             raise RequestError(f"prompt of {len(prompt)} tokens does not fit in a slot context of "
                                f"{self.n_ctx_slot} (-c {self.cache.n_ctx} / -np {self.config.n_slots})")
-        busy = all(s is not None for s in self.slots)
-        if busy and len(self.waiting) >= self.config.max_queue:
+        # Slots fill at the next step, so free slots count as room for requests arriving in between.
+        if len(self.waiting) >= self.config.max_queue + sum(s is None for s in self.slots):
             raise QueueFull(f"server busy: {len(self.waiting)} requests already waiting")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
@@ -138,10 +150,14 @@ class Engine:
         budget = self.config.max_batch_tokens
         plan = []
         running = [r for r in self.slots if r is not None]
-        for r in running:
-            if not r.in_prompt:
-                plan.append((r, 1, False))
-                budget -= 1
+        generating = [r for r in running if not r.in_prompt]
+        # A generating slot with a draft gets 1 + k rows: its newest token, then the draft to verify.
+        self._drafts = self.spec.propose(generating, budget, self.n_ctx_slot) if self.spec is not None else {}
+        for r in generating:
+            d = self._drafts.get(r.id)
+            n = 1 + (len(d.tokens) if d is not None else 0)
+            plan.append((r, n, False))
+            budget -= n
         first = True
         for r in sorted((r for r in running if r.in_prompt), key=lambda r: r.arrival):
             if budget <= 0 and not first:
@@ -173,30 +189,59 @@ class Engine:
         for r, n, prompt in plan:
             if r.t_prompt_start is None:
                 r.t_prompt_start = t0
-            toks = r.prompt[r.computed : r.computed + n] if prompt else [r.history[-1]]
+            toks = r.prompt[r.computed : r.computed + n] if prompt else [r.history[-1]] + self._draft_tokens(r)
             segments.append(Segment(r.seq, row, r.computed, n, prompt))
             tokens.extend(toks)
             row += n
             if not prompt or r.computed + n == len(r.prompt):
-                sample_rows.append(row - 1)
-                sample_reqs.append(r)
+                m = 1 if prompt else n  # rows that sample: a prompt's last row, every row of a verification
+                sample_reqs.append((r, len(sample_rows), m, row - m))
+                sample_rows.extend(range(row - m, row))
         batch = StepBatch(self.cache, segments)
         hidden = self.model.hidden_states(torch.tensor(tokens, dtype=torch.long), batch.positions, batch)
         logits = self.model.logits(hidden, rows=torch.tensor(sample_rows)) if sample_rows else None
         for r, n, prompt in plan:
-            r.computed += n
-            r.seq.commit(r.computed, len(r.prompt))
+            if prompt or n == 1:  # a verification commits once it knows how many rows were accepted
+                r.computed += n
+                r.seq.commit(r.computed, len(r.prompt))
             if prompt:
                 self.stats.prompt_tokens += n
         t1 = time.perf_counter()
-        for j, r in enumerate(sample_reqs):
-            self._sample(r, logits[j], t1)
+        for r, j, m, h in sample_reqs:
+            if m == 1:
+                self._sample(r, logits[j], t1)
+                accepted = 0
+            else:
+                accepted = self._verify(r, logits[j : j + m], t1)
+            if self.spec is not None and r.state is State.RUNNING:
+                # the row whose logits produced the newest token (the MTP assistant's seed state)
+                self.spec.observe(r, hidden[h + accepted])
         self.stats.steps += 1
         self.stats.busy_seconds += time.perf_counter() - t0
         return [r for r, _, _ in plan]
 
+    def _draft_tokens(self, r: Request) -> list[int]:
+        d = self._drafts.get(r.id)
+        return list(d.tokens) if d is not None else []
+
+    def _verify(self, r: Request, logits: torch.Tensor, now: float) -> int:
+        """Emit what verification of r's draft yields; roll the rejected rows out of r's cache. Returns
+        the number of drafts accepted (-1 if the request finished)."""
+        results = self.spec.verify(r, logits, self._drafts[r.id])
+        for res in results:
+            if not self._emit(r, res, now):
+                return -1  # finished mid-draft (stop, length, context): its cache is freed already
+        accepted = len(results) - 1
+        r.computed += 1 + accepted
+        r.seq.commit(r.computed, len(r.prompt))
+        r.seq.truncate(r.computed)
+        return accepted
+
     def _sample(self, r: Request, logits: torch.Tensor, now: float) -> None:
-        res = r.sampler.sample(logits, r.history)
+        self._emit(r, r.sampler.sample(logits, r.history), now)
+
+    def _emit(self, r: Request, res: SampleResult, now: float) -> bool:
+        """Append one sampled token: stop conditions, text, emission. False once the request finished."""
         if r.t_first_token is None:
             r.t_first_token = now
             r.timings.prompt_n = len(r.prompt) - r.timings.cache_n
@@ -207,7 +252,7 @@ class Engine:
         if res.token in r.stop_ids:
             r.stop_reason = res.token
             self._finish(r, "stop")
-            return
+            return False
         text = r.stops.push(r.decoder.push(res.token)) if r.decoder else ""
         r.text_parts.append(text)
         r.emit(TokenOut(res.token, text, res.logprob, res.top))
@@ -218,6 +263,7 @@ class Engine:
             self._finish(r, "length")
         elif len(r.prompt) + len(r.generated) >= self.n_ctx_slot:
             self._finish(r, "context")
+        return r.state is not State.FINISHED
 
     def _finish(self, r: Request, reason: str, flush: bool = True) -> None:
         now = time.perf_counter()
@@ -230,6 +276,8 @@ class Engine:
             r.timings.predicted_ms = 1000 * (now - r.t_first_token)
         r.finish_reason = reason
         r.state = State.FINISHED
+        if self.spec is not None:
+            self.spec.release(r)
         if r.seq is not None:
             r.seq.free()
             r.seq = None

@@ -8,6 +8,10 @@
 Prompts are text (tokenised with the model's vocabulary, BOS added as the GGUF says) or token-id lists.
 `generate` submits every prompt at once and the engine batches them over its slots; results come back
 in prompt order.
+
+Speculative decoding: `LLM(..., speculative=SpeculativeConfig("ngram-simple", n_max=4))` (prompt lookup),
+`SpeculativeConfig("draft-mtp", assistant="assistant.gguf")` or `SpeculativeConfig("draft-simple",
+draft_model="small.gguf")`; greedy output is the same token for token, sampled output the same distribution.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from qatserve.engine.kv_cache import KVCacheOptions
 from qatserve.engine.loader import LoadedModel, load_model_file
 from qatserve.engine.request import GenerationResult, TokenOut
 from qatserve.engine.sampler import SamplingParams
+from qatserve.engine.speculative.config import SpeculativeConfig
 from qatserve.errors import RequestError
 
 Prompt = str | Sequence[int]
@@ -29,7 +34,7 @@ class LLM:
     def __init__(self, model: str | Path | LoadedModel | None = None, *, n_ctx: int = 4096, n_slots: int = 1,
                  cache_type_k: str = "f16", cache_type_v: str = "f16", kv_rotation: bool = True,
                  prefix_cache: bool = True, max_batch_tokens: int = 512, n_threads: int | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", speculative: SpeculativeConfig | None = None):
         if n_threads is not None:
             from qatserve.quant.linear import set_cpu_threads
 
@@ -45,7 +50,8 @@ class LLM:
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
         kv = KVCacheOptions(cache_type_k, cache_type_v, rotate=kv_rotation, prefix_cache=prefix_cache)
         self.engine = Engine(self.model, self.tokenizer,
-                             EngineConfig(n_ctx=n_ctx, n_slots=n_slots, max_batch_tokens=max_batch_tokens, kv=kv))
+                             EngineConfig(n_ctx=n_ctx, n_slots=n_slots, max_batch_tokens=max_batch_tokens, kv=kv,
+                                          spec=speculative))
 
     def prepare(self) -> "LLM":
         """Build every kernel session now (otherwise the first request pays for it)."""

@@ -27,7 +27,9 @@ class TokenOut:
 
 @dataclass
 class Timings:
-    """llama.cpp's `timings` block, plus speculative-decoding counts (draft_n, draft_n_accepted)."""
+    """llama.cpp's `timings` block, plus speculative-decoding counts (draft_n, draft_n_accepted) and
+    their summaries: acceptance rate (accepted / drafted) and mean accepted length (tokens emitted per
+    verification forward, the bonus token included: 1 + accepted / verifications, vLLM's definition)."""
 
     prompt_n: int = 0
     prompt_ms: float = 0.0
@@ -36,6 +38,15 @@ class Timings:
     cache_n: int = 0  # prompt tokens taken from the prefix cache
     draft_n: int = 0
     draft_n_accepted: int = 0
+    draft_steps: int = 0  # verification forwards that carried a draft
+
+    @property
+    def draft_acceptance_rate(self) -> float:
+        return self.draft_n_accepted / self.draft_n if self.draft_n else 0.0
+
+    @property
+    def draft_mean_accepted_length(self) -> float:
+        return 1.0 + self.draft_n_accepted / self.draft_steps if self.draft_steps else 0.0
 
     @property
     def prompt_per_second(self) -> float:
@@ -52,7 +63,9 @@ class Timings:
                 "predicted_n": self.predicted_n, "predicted_ms": self.predicted_ms,
                 "predicted_per_token_ms": self.predicted_ms / self.predicted_n if self.predicted_n else 0.0,
                 "predicted_per_second": self.predicted_per_second, "cache_n": self.cache_n,
-                "draft_n": self.draft_n, "draft_n_accepted": self.draft_n_accepted}
+                "draft_n": self.draft_n, "draft_n_accepted": self.draft_n_accepted,
+                "draft_acceptance_rate": self.draft_acceptance_rate,
+                "draft_mean_accepted_length": self.draft_mean_accepted_length}
 
 
 @dataclass
@@ -91,6 +104,7 @@ class Request:
         self.seq: SeqKV | None = None
         self.slot = -1
         self.computed = 0  # positions whose K/V are in the cache
+        self.spec = None  # speculative decoding: engine.speculative.drafter.DraftState once it drafts
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.timings = Timings(prompt_n=len(prompt))

@@ -372,6 +372,11 @@ class Tokenizer:
         data = b"".join(self._piece_bytes(int(i), skip_special) for i in ids)
         return data.decode("utf-8", errors="replace")
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token prints (special tokens as their text); may be a partial UTF-8
+        sequence for byte-fallback tokens, which is why log-prob reports carry bytes."""
+        return self._piece_bytes(token_id, False)
+
     def token_piece(self, token_id: int) -> str:
         """The raw vocabulary string of a token (e.g. '▁Paris', 'Ġthe', '<0x0A>')."""
         return self._tokens[self._check_id(token_id)]
