@@ -3,22 +3,23 @@ and older flag names prints exactly the plain greedy text; bad flags are one lin
 
 from __future__ import annotations
 
-from qatserve.engine.generate import Generator
+from qatserve.engine.llm import LLM
 from qatserve.engine.loader import load_model_file
 from qatserve.engine.sampler import SamplingParams
 from tests.cli.test_cli import _one_line_error, qatserve
+from tests.engine.spec_util import one_thread
 
 PROMPT = "red, green, blue, red, green, blue, red, green, blue, red,"
 
 
 def test_lookup_prints_the_plain_text_under_both_flag_names(gemma_path):
     loaded = load_model_file(gemma_path)
-    want = Generator(loaded.model, loaded.tokenizer, n_ctx=4096).generate(
-        loaded.tokenizer.encode(PROMPT), SamplingParams(temperature=0, max_tokens=16)).text
+    with one_thread():  # as the command with -t 1: the same engine, the same kernels
+        want = LLM(loaded).generate(PROMPT, SamplingParams(temperature=0, max_tokens=12))[0].text
     loaded.gguf.close()
     for flags in (["--lookup", "--draft-max", "auto"],
                   ["--spec-type", "ngram-simple", "--spec-draft-n-max", "3", "--spec-draft-n-min", "1"]):
-        proc = qatserve("run", "-n", "16", "--temp", "0", *flags, PROMPT)
+        proc = qatserve("run", "-t", "1", "-n", "12", "--temp", "0", *flags, PROMPT)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout == want + "\n"
         assert "qatserve: draft (ngram-simple)" in proc.stderr and "accepted" in proc.stderr

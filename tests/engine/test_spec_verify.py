@@ -220,3 +220,52 @@ def test_flag_errors_are_one_line(argv, msg):
     with pytest.raises(RequestError, match=msg) as e:
         _parse(*argv)
     assert "\n" not in str(e.value)
+
+
+def test_pick_stops_below_p_min():
+    state = DraftState(None, Sampler(SamplingParams(temperature=0.0), 12))
+    flat = torch.zeros(12)
+    flat[3] = 0.5  # top-10 renormalised: e^0.5 / (e^0.5 + 9) = 0.155
+    assert pick(flat, [], state, 0.0) == (3, None)
+    assert pick(flat, [], state, 0.15) == (3, None)
+    assert pick(flat, [], state, 0.2) is None
+    peaked = torch.zeros(12)
+    peaked[7] = 10.0
+    assert pick(peaked, [], state, 0.9) == (7, None)
+
+
+class _Fixed:
+    """A drafter that proposes fixed token lists (per request id), to test the Speculator's rules."""
+
+    needs_hidden = False
+
+    def __init__(self, drafts):
+        self.drafts, self.asked = drafts, {}
+
+    def propose(self, requests, ks):
+        self.asked.update({r.id: k for r, k in zip(requests, ks)})
+        return [Draft(list(self.drafts[r.id])) for r in requests]
+
+
+def test_speculator_budget_caps_and_n_min():
+    from qatserve.engine.request import Request
+    from qatserve.engine.speculative.speculator import Speculator
+
+    def req(rid, max_tokens=16, generated=0, prompt_len=3):
+        r = Request(rid, list(range(1, prompt_len + 1)), SamplingParams(temperature=0.0, max_tokens=max_tokens), 50)
+        r.generated = [7] * generated
+        return r
+
+    drafter = _Fixed({"a": [1, 2, 3, 4], "b": [5], "c": [6, 6, 6, 6], "d": [1, 2], "e": [1, 2, 3, 4]})
+    spec = Speculator(C.SpeculativeConfig("ngram-simple", n_max=4, n_min=2, auto_off=False), drafter, 0.1, 0.0)
+    reqs = [req("a"), req("b"), req("c", max_tokens=3, generated=1), req("d", max_tokens=2, generated=1),
+            req("e", prompt_len=60, generated=2)]
+    out = spec.propose(reqs, budget=100, n_ctx_slot=64)
+    # a: the full block; b: 1 token < n_min, dropped; c: may emit 2 more, so 1 draft (< n_min, dropped);
+    # d: one token left, never asked; e: 64 - 62 = 2 positions of context left -> 2 drafts.
+    assert drafter.asked == {"a": 4, "b": 4, "c": 1, "e": 2}
+    assert {rid: d.tokens for rid, d in out.items()} == {"a": [1, 2, 3, 4], "e": [1, 2]}
+    # An equal share of the row budget each: 5 slots, 12 rows -> (12 - 5) // 5 = 1 draft per slot.
+    drafter.asked = {}
+    spec.propose([req("a"), req("b"), req("c"), req("d"), req("e")], budget=12, n_ctx_slot=512)
+    assert set(drafter.asked.values()) == {1}

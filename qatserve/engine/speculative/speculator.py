@@ -25,7 +25,8 @@ from qatserve.engine.speculative.controller import BlockController
 from qatserve.engine.speculative.drafter import Draft, Drafter, new_state
 from qatserve.engine.speculative.verify import verify
 
-ROW_COST = 0.1  # one more verification row relative to a decode step, dense target (see README table)
+ROW_COST = 0.2  # one more verification row relative to a decode step, dense target: measured 0.15-0.25 by
+# benchmarks/spec_lookup.py (Gemma 3 270M, CPU, 1 thread; its 262k-row head runs for every row)
 ROW_COST_MOE = 0.5  # an extra row of a MoE target reads its own experts' weights as well
 
 
