@@ -99,7 +99,8 @@ async def _client_gone(request: Request) -> None:
 
 
 async def collect(state: ServerState, request: Request, handle: RequestHandle) -> tuple[list[TokenOut], GenerationResult] | None:
-    """Run the request to its end; None when the client went away first (the request is aborted)."""
+    """Run the request to its end; None when the client went away first (the request is aborted).
+    Raises the APIError of a request that ended without finishing (end_error)."""
     outs: list[TokenOut] = []
 
     async def consume() -> None:
@@ -116,6 +117,8 @@ async def collect(state: ServerState, request: Request, handle: RequestHandle) -
             return None
         work.result()
         assert handle.result is not None
+        if err := end_error(state, handle.result):
+            raise err
         return outs, handle.result
     finally:
         watch.cancel()

@@ -186,6 +186,4 @@ async def completion(request: Request) -> Response:
     if got is None:
         return Response(status_code=CLIENT_CLOSED)
     outs, result = got
-    if err := generation.end_error(state, result):
-        raise err
     return JSONResponse(job.final(result, result.text, outs if body.n_probs else None))

@@ -63,8 +63,6 @@ async def chat_completions(request: Request) -> Response:
     if got is None:
         return Response(status_code=CLIENT_CLOSED)
     outs, result = got
-    if err := generation.end_error(state, result):
-        raise err
     return JSONResponse(chat_body(reply, state.tokenizer, result, outs if body.logprobs else None))
 
 
@@ -107,8 +105,6 @@ async def completions(request: Request) -> Response:
     if got is None:
         return Response(status_code=CLIENT_CLOSED)
     outs, result = got
-    if err := generation.end_error(state, result):
-        raise err
     return JSONResponse(completion_body(reply, state.tokenizer, result, outs if want_lp else None, echo))
 
 
