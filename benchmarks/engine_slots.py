@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -61,20 +59,13 @@ def _post(port: int, body: dict) -> dict:
 
 
 def peer(args) -> tuple[float, float]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([args.llama_server, "-m", str(args.model), "-np", "2", "-c", "8192", "-t", str(args.threads),
-                             "-ctk", args.ctk, "-ctv", args.ctv, "--port", str(port), "--host", "127.0.0.1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(600):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.1)
+    from qatserve.bench.servers import ServerProcess, free_port, llama_server_argv
+
+    port = free_port()
+    argv = llama_server_argv(args.llama_server, args.model, port, ["-np", "2", "-c", "8192", "-t", str(args.threads),
+                                                                   "-ctk", args.ctk, "-ctv", args.ctv])
+    with ServerProcess(argv, port, name="llama-server") as proc:
+        proc.start()
         body = {"n_predict": args.n, "temperature": 0, "cache_prompt": False, "ignore_eos": True}
         _post(port, {**body, "prompt": PROMPTS[0], "n_predict": 8})
         single = sorted(_post(port, {**body, "prompt": PROMPTS[0]})["timings"]["predicted_per_second"]
@@ -91,9 +82,6 @@ def peer(args) -> tuple[float, float]:
             # Both decode together; each slot's rate is measured over its own decode phase.
             aggs.append(sum(o["timings"]["predicted_per_second"] for o in out))
         return single, sorted(aggs)[len(aggs) // 2]
-    finally:
-        proc.terminate()
-        proc.wait()
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""`qatserve` command line: run, serve, inspect, convert, synth, quantize, audit.
+"""`qatserve` command line: run, serve, bench, inspect, convert, synth, quantize, audit.
 
 stdout carries only generated text (or the inspect report); progress and timings go to stderr, so
 `qatserve run -n 32 --temp 0 "prompt"` is scriptable. Every expected failure is one line on stderr
@@ -8,6 +8,7 @@ and a non-zero exit code; no tracebacks for bad files or flags.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -33,6 +34,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--frequency-penalty", type=float, default=0.0)
     g.add_argument("-s", "--seed", type=int, default=None, help="RNG seed (default: random)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="never draw end-of-generation tokens: generate exactly -n tokens (llama.cpp's flag)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-ctv", "--cache-type-v", default="f16", metavar="T", help="V cache type (default f16)")
     run.add_argument("--no-kv-rotation", action="store_true", help="store quantised K/V without the Hadamard rotation")
     run.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    run.add_argument("--device", default="auto", metavar="D",
+                     help="auto (the CUDA GPU when present), cpu or cuda (default auto)")
     run.add_argument("--verbose-prompt", action="store_true", help="print the prompt's token ids to stderr")
     from qatserve.engine.speculative.flags import add_speculative_args  # speculative decoding (issue 5)
 
@@ -71,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     _quantize_parser(sub)
     _audit_parser(sub)
     _serve_parser(sub)
+    from qatserve.bench.command import add_parser as add_bench_parser  # light: flags only
+
+    add_bench_parser(sub)
 
     syn = sub.add_parser("synth", help="write a GGUF with random weights in the exact layout of a released model")
     syn.add_argument("shape", nargs="?", metavar="SHAPE", help="e.g. gemma3-27b, gemma4-31b, gemma4-e2b-assistant (see --list)")
@@ -78,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--type", default="Q4_0", help="weight matrices: Q4_0 (default), Q8_0, F16, BF16, F32")
     syn.add_argument("--list", action="store_true", help="print every shape with its computed size and exit")
     syn.add_argument("--seed", type=int, default=0, help="RNG seed of the random blocks (default 0)")
+    syn.add_argument("--tokenizer-from", metavar="FILE.gguf", default=None,
+                     help="copy the tokenizer.* metadata from this GGUF (default: the embedded Gemma 3 270M)")
     return parser
 
 
@@ -171,10 +181,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise RequestError(f"--threads must be at least 1, got {args.threads}")
     set_cpu_threads(args.threads or os.cpu_count() or 1)
     path = _resolve_model(args.model)
-    loaded = load_model_file(path)
+    loaded = load_model_file(path, device=args.device)
     if loaded.tokenizer is None:
         raise RequestError(f"{path}: the file has no tokenizer (tokenizer.ggml.*), so text cannot be generated")
     tok = loaded.tokenizer
+    if args.ignore_eos:
+        params = dataclasses.replace(params, suppressed=tuple(sorted(tok.stop_ids)))
     print(f"qatserve: loaded {path.name} ({loaded.config.arch}, {loaded.config.n_layer} layers) "
           f"in {loaded.load_seconds:.2f} s", file=sys.stderr)
     if args.chat:
@@ -258,7 +270,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
             print(f"qatserve: {done / 1e9:.2f} / {total / 1e9:.2f} GB", file=sys.stderr)
 
     try:
-        r = synth(shape, args.out, qtype, seed=args.seed, progress=progress)
+        r = synth(shape, args.out, qtype, seed=args.seed, progress=progress, tokenizer_from=args.tokenizer_from)
     except OSError as e:
         raise RequestError(f"cannot write {args.out}: {e}") from e
     print(f"qatserve: wrote {r.path} ({shape.name}, {qtype.name}, {r.n_tensors} tensors, "
@@ -296,8 +308,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from qatserve.bench.command import run
+
+    return run(args)
+
+
 COMMANDS = {"run": cmd_run, "inspect": cmd_inspect, "convert": cmd_convert, "synth": cmd_synth,
-            "quantize": cmd_quantize, "audit": cmd_audit, "serve": cmd_serve}
+            "quantize": cmd_quantize, "audit": cmd_audit, "serve": cmd_serve,
+            "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,9 +46,18 @@ from gguf.constants import GGML_QUANT_SIZES
 
 from qatserve.errors import GGUFError, RequestError
 from qatserve.formats.gguf_reader import GGUFFile, TensorInfo, open_gguf
-from qatserve.quant import blocks
 
 __all__ = ["TARGET_TYPES", "parse_type", "parse_tensor_type", "plan_types", "quantize_file", "QuantizeResult"]
+
+
+def __getattr__(name: str):
+    # `quant.blocks` (and torch with it) is imported when quantising, not when the CLI's parser reads
+    # TARGET_TYPES for every command; `qatserve.quantize.blocks` still names it.
+    if name == "blocks":
+        from qatserve.quant import blocks
+
+        return blocks
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # Target type -> llama_ftype written to general.file_type.
 TARGET_TYPES: dict[T, gguf.LlamaFileType] = {
@@ -133,6 +142,8 @@ def plan_types(f: GGUFFile, qtype: T, keep_embeddings: T | None = None,
 
     Raises RequestError for a choice we cannot write (a block type that does not fit the row length
     through --keep-embeddings, or a source type we cannot decode that would need converting)."""
+    from qatserve.quant import blocks  # torch: imported when quantising, not by the CLI's parser
+
     tied = _OUTPUT not in f.tensors
     plans = []
     for info in f.tensors.values():
@@ -179,6 +190,8 @@ def _plan_one(info: TensorInfo, qtype: T, keep_embd: T | None, patterns, tied: b
 
 def _slabs(f: GGUFFile, plan: TensorPlan) -> Iterator[np.ndarray]:
     """The tensor's bytes in `plan.target`, a few rows at a time (uint8 arrays, in order)."""
+    from qatserve.quant import blocks
+
     info = plan.info
     raw = f.tensor_bytes(info.name)
     if plan.target == info.ggml_type:
@@ -274,6 +287,8 @@ def quantize_file(inp: str | os.PathLike, out: str | os.PathLike, qtype: T | str
 
 def _write(f: GGUFFile, plans: list[TensorPlan], arch: str, ftype: gguf.LlamaFileType, path: Path,
            progress) -> int:
+    from qatserve.quant import blocks
+
     w = _Writer(path, arch)
     try:
         _copy_metadata(w, f, ftype)

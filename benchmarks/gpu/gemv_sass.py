@@ -4,8 +4,10 @@ per weight, which says how close a variant can get to ~20 weights/clock/SM (see 
 
     python benchmarks/gpu/gemv_sass.py                       # default configs, every format
     python benchmarks/gpu/gemv_sass.py --fmt Q4_0 --kernel gemv --cfg 64,256,4,1 128,256,8,1
+    python benchmarks/gpu/gemv_sass.py --fmt Q4_0 Q6_K --kernel gemv --rows 1 2 4 8 --reduce   # multi-row, split-K
 
---cfg takes BLOCK_N,BLOCK_K,num_warps,num_stages[,BLOCK_M]. Integer arguments are specialised as a real
+--cfg takes BLOCK_N,BLOCK_K,num_warps,num_stages[,BLOCK_M]; --rows the gemv's rows per program (ins/w is then
+per weight x row). Integer arguments are specialised as a real
 launch at --K (default 5376) would specialise them (divisible by 16 or not). Uses Triton's bundled
 cuobjdump; costs no GPU time. A loop that shows SHFL, or STS/LDS beyond the x and scale tiles, has
 a layout conversion inside it.
@@ -38,7 +40,8 @@ KEY = ["LDG", "LDGSTS", "LDS", "STS", "SHFL", "BAR", "HGMMA", "HMMA", "I2F", "F2
        "LOP3", "SHF", "IMAD"]
 
 
-def compile_kernel(f: L.Format, kernel: str, bn: int, bk: int, warps: int, stages: int, bm: int, K: int, xdt: str):
+def compile_kernel(f: L.Format, kernel: str, bn: int, bk: int, warps: int, stages: int, bm: int, K: int, xdt: str,
+                   rows: int = 1, reduce: bool = False):
     fn = G._gemv_kernel if kernel == "gemv" else G._qdot_kernel
     is_q8 = f.qtype == L.Q8_0
     bk, _ = G.plan_k(K, bk, 1)
@@ -51,10 +54,14 @@ def compile_kernel(f: L.Format, kernel: str, bn: int, bk: int, warps: int, stage
               KQUANT=f.kquant, HAS_MIN=f.has_min, IS_Q8=is_q8, BLOCK_N=bn, BLOCK_K=bk)
     if kernel == "dot":
         ce.update(BLOCK_M=bm, DOT_DTYPE=tl.float16 if xdt == "fp16" else tl.float32)
+    else:  # the multi-row gemv's rows per program and the in-kernel split-K sum
+        sig.update(ws_ptr="*fp32", cnt_ptr="*i32", n_split="i32")
+        ce.update(ROWS=rows, MASKED=False, REDUCE=reduce)
     sig.update({k: "constexpr" for k in ce})
     vals = dict(N=21504, s_xm=K, s_lo=K // 4 if is_q8 else K // 8, s_hi=K * max(f.hi_bits, 1) // 32,
                 s_sc=K // f.sb, s_d=max(K // 256, 1))
     div = ["x_ptr", "y_ptr", "lo_ptr", "hi_ptr", "sc_ptr", "mn_ptr", "d_ptr", "dm_ptr"]
+    div += ["ws_ptr", "cnt_ptr"] if kernel == "gemv" else []
     div += [k for k, v in vals.items() if v % 16 == 0]
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div}
     src = ASTSource(fn, sig, constexprs=ce, attrs=attrs)
@@ -96,6 +103,8 @@ def main() -> None:
     ap.add_argument("--cfg", nargs="*", help="BLOCK_N,BLOCK_K,warps,stages[,BLOCK_M] (default: the wrapper's)")
     ap.add_argument("--K", type=int, default=5376)
     ap.add_argument("--x", default="fp16", choices=["fp16", "fp32", "bf16"])
+    ap.add_argument("--rows", type=int, nargs="*", default=[1], help="gemv: rows per program (multi-row decode)")
+    ap.add_argument("--reduce", action="store_true", help="gemv: with the in-kernel split-K sum")
     a = ap.parse_args()
     warnings.filterwarnings("ignore")
     print(f"triton {triton.__version__}, sm_90a, K = {a.K}, x {a.x}")
@@ -109,11 +118,11 @@ def main() -> None:
             else:
                 d = Q.DEFAULT_CONFIGS["gemv" if kernel == "gemv" else "decode"]
                 cfgs = [(d.block_n, d.block_k, d.num_warps, d.num_stages, d.block_m)]
-            for c in cfgs:
+            for c, rows in [(c, r) for c in cfgs for r in (a.rows if kernel == "gemv" else [1])]:
                 bn, bk, nw, ns = c[:4]
                 bm = c[4] if len(c) > 4 else 16
                 try:
-                    k = compile_kernel(f, kernel, bn, bk, nw, ns, bm, a.K, a.x)
+                    k = compile_kernel(f, kernel, bn, bk, nw, ns, bm, a.K, a.x, rows, a.reduce)
                 except Exception as e:  # noqa: BLE001 - report and go on with the next variant
                     print(f"{name:5} {kernel:6} {c!s:22} FAILED: {str(e).splitlines()[-1][:200]}")
                     continue
@@ -125,6 +134,9 @@ def main() -> None:
                 mix = " ".join(f"{op}:{sum(v for o, v in ops.items() if o == op or o.startswith(op + '_'))}"
                                for op in KEY if any(o == op or o.startswith(op + "_") for o in ops))
                 cfg = f"{bn}x{bk}" + (f"x{bm}" if kernel == "dot" else "") + f"/w{nw}/s{ns}"
+                if kernel == "gemv" and (rows > 1 or a.reduce):
+                    cfg += f"/r{rows}" + ("/red" if a.reduce else "")
+                    per_thread *= rows  # weight x row products per thread per iteration
                 print(f"{name:5} {kernel:6} {cfg:22} {regs:>4} {local:>5} {n:>5} {per_thread:>5} "
                       f"{n / max(per_thread, 1):5.1f}  {mix}", flush=True)
 

@@ -114,8 +114,9 @@ class AsyncEngine:
             raise
 
     async def submit(self, prompt: list[int], params: SamplingParams | None = None,
-                     request_id: str | None = None) -> RequestHandle:
-        """Queue a request; validation errors (RequestError, QueueFull) are raised here."""
+                     request_id: str | None = None, **options) -> RequestHandle:
+        """Queue a request; validation errors (RequestError, QueueFull) are raised here. `options`: the
+        rest of Engine.add_request's keywords (slot, speculative)."""
         if not self._accepting or self.error is not None or not self.running:
             raise EngineStopped("server is shutting down" if self.error is None else "engine failed")
         loop = asyncio.get_running_loop()
@@ -126,7 +127,7 @@ class AsyncEngine:
             if not done.set_running_or_notify_cancel():  # the caller was cancelled meanwhile
                 return
             try:
-                req = self.engine.add_request(prompt, params, request_id)
+                req = self.engine.add_request(prompt, params, request_id, **options)
                 req.listener = handle._listener
                 handle.request = req
                 done.set_result(req)
@@ -136,6 +137,31 @@ class AsyncEngine:
         self._call(add)
         await asyncio.wrap_future(done)
         return handle
+
+    async def call(self, fn: Callable[[Engine], object]) -> object:
+        """Run fn(engine) on the engine thread between two steps (so it never races a step); its result,
+        or its exception raised here. For work on the engine's state that is not a request (slot save)."""
+        if self.error is not None or not self.running:
+            raise EngineStopped("engine failed" if self.error is not None else "the engine is not running")
+        done: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            if not done.set_running_or_notify_cancel():
+                return
+            try:
+                done.set_result(fn(self.engine))
+            except BaseException as e:
+                done.set_exception(e)
+
+        self._call(run)
+        fut = asyncio.wrap_future(done)
+        while True:  # an engine thread that died would never run `run`: look every quarter second
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), 0.25)
+            except asyncio.TimeoutError:
+                if not self.running:
+                    done.cancel()
+                    raise EngineStopped("engine failed") from None
 
     def abort(self, request_id: str) -> None:
         self._call(lambda: self.engine.abort(request_id))

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from qatserve.engine.kv_cache import PagedKVCache, SeqKV
-from qatserve.quant.kernels import kv_quant
+from qatserve.quant.kernels import kv_quant, triton_attention
 
 PROMPT_SUBBLOCK = 32
 
@@ -46,10 +46,12 @@ class StepBatch:
         self.cache = cache
         self.segments = segments
         self.n_rows = sum(s.n for s in segments)
-        self.positions = torch.cat([torch.arange(s.pos0, s.pos0 + s.n) for s in segments]) if segments \
-            else torch.empty(0, dtype=torch.long)
+        self.device = dev = cache.device
+        self.positions = (torch.cat([torch.arange(s.pos0, s.pos0 + s.n) for s in segments]) if segments
+                          else torch.empty(0, dtype=torch.long)).to(dev)
         self._new_slots: dict[int, torch.Tensor] = {}
         self._key_slots: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._plans: dict[int, object] = {}  # GPU: the paged-attention plan of each layer group
         for s in segments:
             s.seq.reserve(s.pos0 + s.n)
 
@@ -59,7 +61,7 @@ class StepBatch:
         if out is None:
             parts = [self.cache.slots(group, s.seq.tables[group], torch.arange(s.pos0, s.pos0 + s.n))
                      for s in self.segments]
-            out = self._new_slots[group] = torch.cat(parts)
+            out = self._new_slots[group] = torch.cat(parts).to(self.device)
         return out
 
     def key_slots(self, i: int, group: int, lo: int) -> torch.Tensor:
@@ -69,7 +71,7 @@ class StepBatch:
         if out is None:
             s = self.segments[i]
             out = self._key_slots[key] = self.cache.slots(group, s.seq.tables[group],
-                                                          torch.arange(lo, s.pos0 + s.n))
+                                                          torch.arange(lo, s.pos0 + s.n)).to(self.device)
         return out
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
@@ -80,13 +82,25 @@ class StepBatch:
         c = self.cache
         st = c.layers[layer]
         if k is not None:
-            if st.rot_k:
-                k = kv_quant.hadamard(k, st.rot_k)
-            if st.rot_v:
-                v = kv_quant.hadamard(v, st.rot_v)
-            c.write(layer, self.new_slots(st.group), k, v)
+            c.store(layer, self.new_slots(st.group), k, v)  # rotated there when the layer rotates
         if st.rot_k:
             q = kv_quant.hadamard(q, st.rot_k)
+        if paged_attention_fits(self.device, st):
+            # On a GPU: the Triton kernels read the pages in place (prompt rows in tiles at multiples of
+            # their size, generated rows one by one, so the invariance above holds; they round Q as below).
+            plan = self._plans.get(st.group)
+            if plan is None:
+                plan = self._plans[st.group] = triton_attention.AttentionPlan.from_segments(
+                    self.segments, st.group, self.device)
+            out = triton_attention.paged_attention(q.contiguous(), st.k, st.v, plan, type_k=c.options.type_k,
+                                                   type_v=c.options.type_v, scale=scale, window=window,
+                                                   softcap=softcap, out_dtype=torch.float32)
+            if st.rot_v:
+                t = out.shape[0]
+                out = kv_quant.hadamard(out.view(t, -1, st.dv), st.rot_v).view(t, -1)
+            return out
+        # Q rounded to the K type's dot type, as llama.cpp's CPU attention does (q8_0 for q8_0/q4_0 keys).
+        q = kv_quant.query_for_keys(q, c.options.type_k)
         outs = []
         for i, s in enumerate(self.segments):
             p1 = s.pos0 + s.n
@@ -97,13 +111,22 @@ class StepBatch:
                 pa, pb = s.pos0 + a, s.pos0 + b
                 klo = max(0, pa - window + 1) if window > 0 else 0
                 ks = slice(klo - lo, pb - lo)
-                outs.append(attention(qs[a:b], keys[ks], values[ks], torch.arange(pa, pb),
-                                      torch.arange(klo, pb), scale=scale, window=window, softcap=softcap))
+                outs.append(attention(qs[a:b], keys[ks], values[ks], torch.arange(pa, pb, device=self.device),
+                                      torch.arange(klo, pb, device=self.device), scale=scale, window=window,
+                                      softcap=softcap))
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
         if st.rot_v:
             t = out.shape[0]
             out = kv_quant.hadamard(out.view(t, -1, st.dv), st.rot_v).view(t, -1)
         return out
+
+
+def paged_attention_fits(device: torch.device, st) -> bool:
+    """Whether a layer's attention runs in the Triton paged kernels (quant/kernels/triton_attention.py):
+    on a CUDA device, with power-of-two head dims of at least 32 (the kernels' tiles)."""
+    if device.type != "cuda" or not triton_attention.available(device):
+        return False
+    return all(d >= 32 and not d & (d - 1) for d in (st.dk, st.dv))
 
 
 def _units(s: Segment) -> list[tuple[int, int]]:

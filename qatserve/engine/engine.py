@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qatserve.engine import slot_cache
 from qatserve.engine.batch import PROMPT_SUBBLOCK, Segment, StepBatch
+from qatserve.engine.device import uses_gpu_kernels
 from qatserve.engine.kv_cache import KVCacheOptions, PagedKVCache
 from qatserve.engine.request import GenerationResult, Request, State, TokenOut
 from qatserve.engine.sampler import SampleResult, SamplingParams
-from qatserve.engine.speculative.config import SpeculativeConfig
+from qatserve.engine.speculative.config import SpeculativeConfig, SpeculativeOverrides
 from qatserve.errors import RequestError
 
 
@@ -34,7 +36,9 @@ class QueueFull(RequestError):
 @dataclass(frozen=True)
 class EngineConfig:
     """llama.cpp's names: -c (n_ctx, total over all slots; 0 = the model's trained context), -np
-    (n_slots), -b (max_batch_tokens), -ctk/-ctv and rotation (kv); spec: speculative decoding (None = off)."""
+    (n_slots), -b (max_batch_tokens), -ctk/-ctv and rotation (kv); spec: speculative decoding (None = off);
+    keep_slots: an idle slot keeps its last request's reusable K/V (llama.cpp's slot cache, which slot
+    save/restore works on; engine/slot_cache.py)."""
 
     n_ctx: int = 4096
     n_slots: int = 1
@@ -42,6 +46,8 @@ class EngineConfig:
     max_queue: int = 256
     kv: KVCacheOptions = field(default_factory=KVCacheOptions)
     spec: SpeculativeConfig | None = None
+    cuda_graphs: bool = True  # decode steps of a GPU model replay CUDA graphs (engine/gpu_runner.py)
+    keep_slots: bool = False
 
     def __post_init__(self):
         if self.n_slots < 1:
@@ -77,11 +83,20 @@ class Engine:
         self.n_vocab = model.config.n_vocab
         self.cache = PagedKVCache(model, n_ctx, cfg.n_slots, cfg.kv, max_step_tokens=cfg.max_batch_tokens)
         self.n_ctx_slot = self.cache.n_ctx_seq
+        self.gpu = None
+        if uses_gpu_kernels(model):
+            from qatserve.engine.gpu_runner import GPURunner
+
+            self.gpu = GPURunner(model, self.cache, cfg.max_batch_tokens, cuda_graphs=cfg.cuda_graphs)
         self.slots: list[Request | None] = [None] * cfg.n_slots
         self.waiting: deque[Request] = deque()
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
         self._ids = itertools.count()
+        # What each idle slot keeps of its last request (keep_slots; engine/slot_cache.py), and the
+        # drafting summary of its last request for /slots.
+        self.kept: list[slot_cache.KeptSlot | None] = [None] * cfg.n_slots
+        self.slot_spec: list[dict | None] = [None] * cfg.n_slots
         # Speculative decoding (engine/speculative): the drafter and per-slot block control; drafts of the
         # step being planned, by request id.
         self.spec = None
@@ -94,9 +109,15 @@ class Engine:
 
     # -- requests ----------------------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> Request:
-        """Validate and queue a request. Raises RequestError (bad prompt) or QueueFull."""
+                    request_id: str | None = None, *, slot: int = -1,
+                    speculative: SpeculativeOverrides | None = None) -> Request:
+        """Validate and queue a request. Raises RequestError (bad prompt) or QueueFull. `slot`: the slot it
+        must run in (llama.cpp's id_slot; -1 = any); `speculative`: its own drafting block settings."""
         params = params or SamplingParams()
+        if not -1 <= slot < self.config.n_slots:
+            raise RequestError(f"slot {slot} does not exist (this engine has slots 0..{self.config.n_slots - 1})")
+        if speculative is not None and self.config.spec is not None:
+            self.config.spec.with_overrides(speculative)  # bad values fail here, not on the step that drafts
         if not prompt:
             raise RequestError("empty prompt: nothing to condition on")
         bad = [t for t in prompt if not (isinstance(t, int) and 0 <= t < self.n_vocab)]
@@ -112,6 +133,7 @@ class Engine:
         if rid in self.requests:
             raise RequestError(f"request id {rid!r} is already in use")
         req = Request(rid, prompt, params, self.n_vocab, self.tokenizer)
+        req.slot_wanted, req.spec_overrides = slot, speculative
         self.requests[rid] = req
         self.waiting.append(req)
         return req
@@ -134,16 +156,33 @@ class Engine:
 
     # -- one step ----------------------------------------------------------------------------------
     def _admit(self) -> None:
-        for i, s in enumerate(self.slots):
-            if s is not None or not self.waiting:
-                continue
-            req = self.waiting.popleft()
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        for req in list(self.waiting) if free and self.waiting else ():
+            i = self._pick_slot(req, free)
+            if i is None:
+                continue  # it waits for its own slot; the requests behind it go ahead
+            self.waiting.remove(req)
+            free.remove(i)
             req.seq = self.cache.new_sequence()
             req.computed = req.seq.match_prefix(req.prompt)
+            if self.kept[i] is not None:  # the slot's kept state: lend its prefix, then let it go
+                req.computed = slot_cache.adopt(self.kept[i], req.seq, req.prompt, req.computed)
+                self.kept[i].seq.free()
+                self.kept[i] = None
             req.timings.cache_n = req.computed
             self.stats.cached_tokens += req.computed
             req.state, req.slot = State.RUNNING, i
             self.slots[i] = req
+            if not free:
+                break
+
+    def _pick_slot(self, req: Request, free: list[int]) -> int | None:
+        """The free slot `req` goes to: the one it asked for (None while busy); else a slot whose restored
+        state covers most of its prompt; else one that keeps nothing; else the first free one."""
+        if req.slot_wanted >= 0:
+            return req.slot_wanted if req.slot_wanted in free else None
+        best = max(free, key=lambda i: (slot_cache.local_match(self.kept[i], req.prompt), self.kept[i] is None, -i))
+        return best
 
     def _plan(self) -> list[tuple[Request, int, bool]]:
         """(request, rows, prompt?) for this step: generating slots first, then prompt chunks."""
@@ -197,9 +236,12 @@ class Engine:
                 m = 1 if prompt else n  # rows that sample: a prompt's last row, every row of a verification
                 sample_reqs.append((r, len(sample_rows), m, row - m))
                 sample_rows.extend(range(row - m, row))
-        batch = StepBatch(self.cache, segments)
-        hidden = self.model.hidden_states(torch.tensor(tokens, dtype=torch.long), batch.positions, batch)
-        logits = self.model.logits(hidden, rows=torch.tensor(sample_rows)) if sample_rows else None
+        if self.gpu is not None:  # engine/gpu_runner.py: decode rows in CUDA graphs, prompt rows eagerly
+            hidden, logits = self.gpu.forward(segments, tokens, sample_rows)
+        else:
+            batch = StepBatch(self.cache, segments)
+            hidden = self.model.hidden_states(torch.tensor(tokens, dtype=torch.long), batch.positions, batch)
+            logits = self.model.logits(hidden, rows=torch.tensor(sample_rows)) if sample_rows else None
         for r, n, prompt in plan:
             if prompt or n == 1:  # a verification commits once it knows how many rows were accepted
                 r.computed += n
@@ -278,8 +320,13 @@ class Engine:
         r.state = State.FINISHED
         if self.spec is not None:
             self.spec.release(r)
+        if self.spec is not None and 0 <= r.slot < len(self.slots):
+            self.slot_spec[r.slot] = self.spec.slot_state(r)
         if r.seq is not None:
-            r.seq.free()
+            if self.config.keep_slots and 0 <= r.slot < len(self.slots):
+                self.kept[r.slot] = slot_cache.keep(r.seq, r.history[: max(r.computed, 0)])
+            else:
+                r.seq.free()
             r.seq = None
         if 0 <= r.slot < len(self.slots) and self.slots[r.slot] is r:
             self.slots[r.slot] = None
@@ -311,9 +358,51 @@ class Engine:
     def slot_info(self) -> list[dict]:
         out = []
         for i, r in enumerate(self.slots):
-            d = {"id": i, "n_ctx": self.n_ctx_slot, "is_processing": r is not None}
+            d = {"id": i, "n_ctx": self.n_ctx_slot, "speculative": self.spec is not None,
+                 "is_processing": r is not None}
             if r is not None:
                 d.update(id_task=r.id, n_prompt_tokens=len(r.prompt), n_past=r.computed,
                          n_decoded=len(r.generated), state="prompt" if r.in_prompt else "generating")
+            if self.spec is not None:
+                # the running request's drafting, else the last one's
+                d["speculative_state"] = self.spec.slot_state(r) if r is not None else self.slot_spec[i]
+            kept = self.kept[i]
+            if self.config.keep_slots:
+                d["cache"] = {"n_tokens": len(kept.tokens) if kept else 0, "n_reusable": kept.n_reuse if kept else 0,
+                              "restored": bool(kept and kept.seq.private)}
             out.append(d)
         return out
+
+    # -- slot cache: save / restore / erase (keep_slots; call between steps, e.g. AsyncEngine.call) ----
+    def _idle_slot(self, i: int) -> None:
+        if not self.config.keep_slots:
+            raise RequestError("slots keep no state in this engine (keep_slots / --slot-save-path is off)")
+        if not 0 <= i < len(self.slots):
+            raise RequestError(f"slot {i} does not exist (this engine has slots 0..{len(self.slots) - 1})")
+        if self.slots[i] is not None:
+            raise slot_cache.SlotBusy(f"slot {i} is processing a request; retry when it is idle")
+
+    def save_slot(self, i: int) -> slot_cache.SlotImage:
+        """A copy of what idle slot i keeps (tokens and the K/V of its reusable prefix)."""
+        self._idle_slot(i)
+        return slot_cache.snapshot(self.cache, self.kept[i])
+
+    def restore_slot(self, i: int, image: slot_cache.SlotImage) -> int:
+        """Replace idle slot i's kept state with `image` (validated against this cache by slot_file);
+        nothing changes when it does not fit. Returns the tokens restored."""
+        self._idle_slot(i)
+        slot_cache.check_room(self.cache, image, self.kept[i])
+        if self.kept[i] is not None:
+            self.kept[i].seq.free()
+            self.kept[i] = None
+        self.kept[i] = slot_cache.install(self.cache, image)
+        return len(image.tokens)
+
+    def erase_slot(self, i: int) -> int:
+        """Forget idle slot i's kept state, its blocks leaving the prefix cache too; the tokens erased."""
+        self._idle_slot(i)
+        kept, self.kept[i] = self.kept[i], None
+        if kept is None:
+            return 0
+        kept.seq.free(forget=True)
+        return len(kept.tokens)

@@ -12,6 +12,7 @@ from typing import Iterator
 import torch
 
 from qatserve.engine.batch import SequenceView
+from qatserve.engine.device import model_device
 from qatserve.engine.engine import Engine, EngineConfig
 from qatserve.engine.kv_cache import KVCacheOptions
 from qatserve.engine.request import GenerationResult, Timings, TokenOut
@@ -30,11 +31,12 @@ def score_tokens(model: DecoderLM, tokens: list[int], kv: KVCacheOptions | None 
 
     `kv` picks the K/V storage (default f32); prompt rows run exactly as in the engine."""
     view = SequenceView.for_model(model, max(len(tokens), 1), kv or F32)
+    dev = model_device(model)
     out = []
     with torch.inference_mode():
         for lo in range(0, len(tokens), chunk):
-            ids = torch.tensor(tokens[lo : lo + chunk], dtype=torch.long)
-            out.append(model(ids, torch.arange(lo, lo + ids.numel()), view, all_logits=True))
+            ids = torch.tensor(tokens[lo : lo + chunk], dtype=torch.long, device=dev)
+            out.append(model(ids, torch.arange(lo, lo + ids.numel(), device=dev), view, all_logits=True).cpu())
     return torch.cat(out)
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from qatserve.errors import QatserveError, RequestError
-from qatserve.quant.kernels import kv_quant
+from qatserve.quant.kernels import gpu_fusions, kv_quant
 
 BLOCK_SIZE = 32
 
@@ -96,10 +96,17 @@ class BlockPool:
         self.refs[b] = 1
         return b
 
-    def release(self, b: int) -> None:
+    def release(self, b: int, forget: bool = False) -> None:
+        """Drop one reference. A block nobody holds stays findable by its hash (prefix cache) unless
+        `forget` (slot erase): then its content is unreachable at once."""
         self.refs[b] -= 1
         if self.refs[b] == 0:
-            if self.hash_of[b] is not None:
+            h = self.hash_of[b]
+            if h is not None and forget:
+                if self.by_hash.get(h) == b:
+                    del self.by_hash[h]
+                self.hash_of[b] = h = None
+            if h is not None:
                 self.evictable[b] = None
             else:
                 self.free.append(b)
@@ -189,9 +196,14 @@ class PagedKVCache:
     """K/V storage for up to `n_seq` sequences of up to `n_ctx // n_seq` positions each."""
 
     def __init__(self, model, n_ctx: int, n_seq: int = 1, options: KVCacheOptions | None = None,
-                 max_step_tokens: int = 512):
-        """`model`: a built model, or a KVLayout (for sizing a cache without weights)."""
+                 max_step_tokens: int = 512, device=None):
+        """`model`: a built model, or a KVLayout (for sizing a cache without weights). `device`: where the
+        K/V buffers live (default: the model's device, engine/device.py)."""
+        from qatserve.engine.device import model_device
+
         layout = model if isinstance(model, KVLayout) else KVLayout.of_model(model)
+        self.device = torch.device(device) if device is not None else (
+            torch.device("cpu") if isinstance(model, KVLayout) else model_device(model))
         self.layout = layout
         self.options = opts = options or KVCacheOptions()
         if n_seq < 1:
@@ -226,7 +238,7 @@ class PagedKVCache:
                 il, g, nkv, dk, dv,
                 kv_quant.k_rotation_group(dk) if opts.rotate and kv_quant.rotation_applies(dk, opts.type_k) else 0,
                 kv_quant.ROTATION_GROUP if opts.rotate and kv_quant.rotation_applies(dv, opts.type_v) else 0,
-                _buffer(slots, nkv, dk, opts.type_k), _buffer(slots, nkv, dv, opts.type_v)))
+                _buffer(slots, nkv, dk, opts.type_k, self.device), _buffer(slots, nkv, dv, opts.type_v, self.device)))
         self.last_layer = max(il for il, s in enumerate(shapes) if s is not None)
 
     # -- reporting -------------------------------------------------------------------------------
@@ -256,23 +268,41 @@ class PagedKVCache:
             raise KVCacheFull(f"KV block for position {int(positions[(blk < 0).nonzero()[0, 0]])} was released")
         return blk * bs + positions % bs
 
+    def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store a step's k [T, n_kv, dk] and v [T, n_kv, dv] (the model's basis) of `layer` at `slots` [T]:
+        rotated first where the layer rotates (rot_k / rot_v), then encoded as write() does. On a GPU one
+        fused launch (quant/kernels/triton_kv_store.py: the same bytes); elsewhere hadamard + write."""
+        st = self.layers[layer]
+        fused = gpu_fusions.kv_store(st)
+        if fused is not None and k.dtype in gpu_fusions.FLOAT_INPUTS and v.dtype == k.dtype:
+            fused.store(st.k, st.v, slots.to(st.k.device), k, v, self.options.type_k, self.options.type_v,
+                        st.rot_k, st.rot_v)
+            return
+        if st.rot_k:
+            k = kv_quant.hadamard(k, st.rot_k)
+        if st.rot_v:
+            v = kv_quant.hadamard(v, st.rot_v)
+        self.write(layer, slots, k, v)
+
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         st = self.layers[layer]
+        slots = slots.to(st.k.device)  # no-op where the caller built them there
         st.k[slots] = kv_quant.quantize_kv(k, self.options.type_k)
         st.v[slots] = kv_quant.quantize_kv(v, self.options.type_v)
 
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 keys [S, n_kv, dk] and values [S, n_kv, dv] at `slots` (as stored: rotated if so)."""
         st = self.layers[layer]
+        slots = slots.to(st.k.device)
         n = slots.shape[0]
         keys = kv_quant.dequantize_kv(st.k.index_select(0, slots), self.options.type_k, (n, st.n_kv, st.dk))
         values = kv_quant.dequantize_kv(st.v.index_select(0, slots), self.options.type_v, (n, st.n_kv, st.dv))
         return keys, values
 
 
-def _buffer(slots: int, n_kv: int, d: int, kind: str) -> torch.Tensor:
+def _buffer(slots: int, n_kv: int, d: int, kind: str, device=None) -> torch.Tensor:
     width = kv_quant.kv_row_bytes(kind, d) if kind in kv_quant.QUANTISED_KV_TYPES else d
-    return torch.zeros((slots, n_kv, width), dtype=kv_quant.kv_storage_dtype(kind))
+    return torch.zeros((slots, n_kv, width), dtype=kv_quant.kv_storage_dtype(kind), device=device)
 
 
 def kv_windows(model, n_layer: int) -> list[int]:
@@ -294,6 +324,9 @@ class SeqKV:
         self.length = 0  # positions [0, length) are committed
         self.hashes: list[bytes] = []  # hashes of the prompt's full blocks
         self.registered = 0  # leading blocks already registered in the prefix cache
+        # Private: built on K/V restored from a slot file (engine/slot_cache.py), which the engine did not
+        # compute itself; such blocks, and blocks computed on top of them, never enter the shared prefix cache.
+        self.private = False
 
     @property
     def capacity(self) -> int:
@@ -336,6 +369,34 @@ class SeqKV:
             ids.append(b)
         return lo, ids
 
+    def span_of(self, source: "SeqKV", n: int) -> list[tuple[int, list[int]]] | None:
+        """Per group, the blocks of `source` a query at position n*bs needs (first index, ids), or None
+        when one of them is not held by `source`."""
+        c = self.cache
+        out = []
+        for g, w in enumerate(c.group_windows):
+            lo = 0 if w == 0 else max(0, (n * c.block_size - w - c.block_size) // c.block_size)
+            ids = source.tables[g][lo:n]
+            if len(ids) < n - lo or any(b is None for b in ids):
+                return None
+            out.append((lo, list(ids)))
+        return out
+
+    def adopt(self, source: "SeqKV", n: int) -> int:
+        """Replace this (new) sequence's prefix with `source`'s first n blocks, shared by reference (n must
+        satisfy span_of); returns the positions now committed. Adopting a private source makes this private."""
+        spans = self.span_of(source, n)
+        assert spans is not None and n * self.cache.block_size <= source.length
+        self.free()
+        for g, (lo, ids) in enumerate(spans):
+            self.tables[g] = [None] * lo + ids
+            for b in ids:
+                self.cache.pools[g].acquire(b)
+        self.registered = n
+        self.length = n * self.cache.block_size
+        self.private = self.private or source.private
+        return self.length
+
     def reserve(self, end: int) -> None:
         """Make sure blocks exist for positions [length, end)."""
         if end > self.capacity:
@@ -353,10 +414,11 @@ class SeqKV:
         bs = c.block_size
         self.length = end
         done = min(end, prompt_len) // bs
+        # A private sequence counts its prompt-computed blocks (what slot save keeps) without sharing them.
         for i in range(self.registered, min(done, len(self.hashes))):
             for g, pool in enumerate(c.pools):
                 b = self.tables[g][i]
-                if b is not None:
+                if b is not None and not self.private:
                     pool.register(b, self.hashes[i])
         self.registered = max(self.registered, min(done, len(self.hashes)))
         for g, w in enumerate(c.group_windows):
@@ -382,11 +444,12 @@ class SeqKV:
                     pool.release(b)
         self.registered = min(self.registered, end // self.cache.block_size)
 
-    def free(self) -> None:
+    def free(self, forget: bool = False) -> None:
+        """Release every block (`forget`: blocks nobody else holds leave the prefix cache too)."""
         for g, pool in enumerate(self.cache.pools):
             for b in self.tables[g]:
                 if b is not None:
-                    pool.release(b)
+                    pool.release(b, forget)
             self.tables[g] = []
         self.length = 0
 

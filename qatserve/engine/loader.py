@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 
 from qatserve.config import ModelConfig
+from qatserve.errors import RequestError
 from qatserve.formats.gguf_reader import GGUFFile, open_gguf
 from qatserve.formats.tokenizer import Tokenizer
 from qatserve.models.common import DecoderLM
@@ -29,10 +30,11 @@ class LoadedModel:
         return self.model.config  # type: ignore[return-value]
 
 
-def _open_and_build(path: str | Path, build: Callable[[GGUFFile], Any]) -> tuple[GGUFFile, Any, float]:
-    """Open `path` and run `build` on it; the file is closed again if building fails."""
+def _open_and_build(path: str | Path | GGUFFile, build: Callable[[GGUFFile], Any]) -> tuple[GGUFFile, Any, float]:
+    """Open `path` (or take the already open file) and run `build` on it; the file is closed again if
+    building fails."""
     t0 = time.perf_counter()
-    gguf = open_gguf(path)
+    gguf = path if isinstance(path, GGUFFile) else open_gguf(path)
     try:
         built = build(gguf)
     except BaseException:
@@ -41,16 +43,29 @@ def _open_and_build(path: str | Path, build: Callable[[GGUFFile], Any]) -> tuple
     return gguf, built, time.perf_counter() - t0
 
 
-def load_model_file(path: str | Path, backend: str = "auto", numerics: str | None = None) -> LoadedModel:
-    """Memory-map `path`, validate it, build the model and (when the file has a vocabulary) the tokenizer."""
+def load_model_file(path: str | Path | GGUFFile, backend: str = "auto", numerics: str | None = None,
+                    on_model: Callable[[DecoderLM], None] | None = None, device: str | None = None) -> LoadedModel:
+    """Memory-map `path`, validate it, build the model and (when the file has a vocabulary) the tokenizer.
+    `on_model(model)` runs between the two (the server starts building kernels there, beside the tokenizer).
+    device: "auto" (the GPU when CUDA and the Triton kernels are usable), "cpu" or "cuda"
+    (engine/device.py); None: "auto" with the "auto" backend, the CPU with an explicit CPU backend."""
+    from qatserve.engine.device import resolve_device, to_device
+
+    where = resolve_device(device if device is not None else ("auto" if backend == "auto" else "cpu"))
+    if where.type != "cpu" and backend != "auto":
+        raise RequestError(f"backend {backend!r} runs on the CPU only; use the default backend on {where}")
 
     def build(gguf: GGUFFile) -> tuple[DecoderLM, Tokenizer | None]:
         model = build_model(gguf, backend=backend, numerics=numerics)
+        if where.type != "cpu":
+            to_device(model, where)
+        if on_model is not None:
+            on_model(model)
         has_vocab = "tokenizer.ggml.tokens" in gguf.metadata
         return model, Tokenizer.from_gguf_metadata(gguf.metadata) if has_vocab else None
 
     gguf, (model, tokenizer), seconds = _open_and_build(path, build)
-    return LoadedModel(Path(path), gguf, model, tokenizer, seconds)
+    return LoadedModel(Path(gguf.path), gguf, model, tokenizer, seconds)
 
 
 @dataclass

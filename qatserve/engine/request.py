@@ -57,15 +57,19 @@ class Timings:
         return 1000.0 * self.predicted_n / self.predicted_ms if self.predicted_ms else 0.0
 
     def as_dict(self) -> dict:
-        return {"prompt_n": self.prompt_n, "prompt_ms": self.prompt_ms,
+        """llama.cpp's block; the draft fields only when the request drafted, as llama.cpp's server
+        (server_slot_stats::to_json) adds draft_n / draft_n_accepted only when n_draft_tokens > 0."""
+        d = {"prompt_n": self.prompt_n, "prompt_ms": self.prompt_ms,
                 "prompt_per_token_ms": self.prompt_ms / self.prompt_n if self.prompt_n else 0.0,
                 "prompt_per_second": self.prompt_per_second,
                 "predicted_n": self.predicted_n, "predicted_ms": self.predicted_ms,
                 "predicted_per_token_ms": self.predicted_ms / self.predicted_n if self.predicted_n else 0.0,
-                "predicted_per_second": self.predicted_per_second, "cache_n": self.cache_n,
-                "draft_n": self.draft_n, "draft_n_accepted": self.draft_n_accepted,
-                "draft_acceptance_rate": self.draft_acceptance_rate,
-                "draft_mean_accepted_length": self.draft_mean_accepted_length}
+                "predicted_per_second": self.predicted_per_second, "cache_n": self.cache_n}
+        if self.draft_n > 0:
+            d.update(draft_n=self.draft_n, draft_n_accepted=self.draft_n_accepted,
+                     draft_acceptance_rate=self.draft_acceptance_rate,
+                     draft_mean_accepted_length=self.draft_mean_accepted_length)
+        return d
 
 
 @dataclass
@@ -105,6 +109,8 @@ class Request:
         self.slot = -1
         self.computed = 0  # positions whose K/V are in the cache
         self.spec = None  # speculative decoding: engine.speculative.drafter.DraftState once it drafts
+        self.spec_overrides = None  # the request's own block settings (speculative.config.SpeculativeOverrides)
+        self.slot_wanted = -1  # the slot it must run in (llama.cpp's id_slot); -1 = any
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.timings = Timings(prompt_n=len(prompt))

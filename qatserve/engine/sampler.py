@@ -64,6 +64,9 @@ class SamplingParams:
     max_tokens: int = 256
     stop: tuple[str, ...] = field(default=())
     n_probs: int = 0
+    # Token ids that can never be drawn (llama.cpp's logit bias of -inf; its `ignore_eos` bans the
+    # end-of-generation tokens this way, so a request runs to max_tokens). Stored sorted.
+    suppressed: tuple[int, ...] = field(default=())
 
     def __post_init__(self) -> None:
         stop = self.stop
@@ -72,7 +75,10 @@ class SamplingParams:
         elif isinstance(stop, Sequence) and not isinstance(stop, tuple):
             stop = tuple(stop)
         object.__setattr__(self, "stop", stop)
+        if isinstance(self.suppressed, (Sequence, frozenset, set)) and not isinstance(self.suppressed, str):
+            object.__setattr__(self, "suppressed", tuple(self.suppressed))
         self.validate()
+        object.__setattr__(self, "suppressed", tuple(sorted(set(self.suppressed))))
 
     def validate(self) -> None:
         """Raise RequestError naming the first invalid field."""
@@ -100,6 +106,8 @@ class SamplingParams:
             raise _bad("stop", "must be a sequence of non-empty strings", self.stop)
         if not (_int(self.n_probs) and 0 <= self.n_probs <= _MAX_N_PROBS):
             raise _bad("n_probs", f"must be an integer in [0, {_MAX_N_PROBS}]", self.n_probs)
+        if not (isinstance(self.suppressed, tuple) and all(_int(t) and t >= 0 for t in self.suppressed)):
+            raise _bad("suppressed", "must be a sequence of token ids >= 0", self.suppressed)
 
     @property
     def greedy(self) -> bool:
@@ -133,7 +141,11 @@ def apply_penalties(
     logits: [n_vocab]. The window is the last ``repeat_last_n`` ids of ``history`` (all of it for -1).
     For each distinct id in the window with count c: a positive logit is divided by repeat_penalty,
     a non-positive one multiplied by it, then ``c * frequency_penalty + presence_penalty`` is subtracted.
+    ``params.suppressed`` ids get -inf first (llama.cpp applies its logit bias before the penalties).
     """
+    if params.suppressed:
+        logits = logits.clone()
+        logits[list(params.suppressed)] = -math.inf
     n = params.repeat_last_n
     if not params.penalised or len(history) == 0:
         return logits
@@ -156,6 +168,9 @@ class Sampler:
     def __init__(self, params: SamplingParams, n_vocab: int):
         if n_vocab < 1:
             raise ValueError(f"n_vocab must be >= 1, got {n_vocab}")
+        if params.suppressed and (params.suppressed[-1] >= n_vocab or len(params.suppressed) >= n_vocab):
+            raise RequestError(f"sampling parameter suppressed: ids must be < n_vocab ({n_vocab}) and leave "
+                               f"at least one token, got {len(params.suppressed)} ids up to {params.suppressed[-1]}")
         self.params = params
         self.n_vocab = n_vocab
         self.seed = params.seed if params.seed is not None else secrets.randbits(64)

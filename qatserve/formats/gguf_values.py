@@ -175,7 +175,28 @@ class Cursor:
         return arr, declared
 
     def _strings(self, n: int, what: str) -> list[str]:
-        """n length-prefixed UTF-8 strings; the hot loop for vocabularies, so messages are built lazily."""
+        """n length-prefixed UTF-8 strings. The hot loop of a 262k vocabulary: a lean pass first; anything
+        wrong in it (truncation, bad UTF-8) is found again, and named, by the checked pass below."""
+        buf, size, pos = self.buf, self.size, self.pos
+        unpack = _U64.unpack_from
+        try:
+            out: list[str] = []
+            append = out.append
+            for _ in range(n):
+                (ln,) = unpack(buf, pos)
+                end = pos + 8 + ln
+                if end > size:
+                    break
+                append(str(buf[pos + 8 : end], "utf-8"))
+                pos = end
+            else:
+                self.pos = pos
+                return out
+        except (struct.error, UnicodeDecodeError):
+            pass
+        return self._strings_checked(n, what)
+
+    def _strings_checked(self, n: int, what: str) -> list[str]:
         buf, size, pos = self.buf, self.size, self.pos
         unpack = _U64.unpack_from
         out: list[str] = []

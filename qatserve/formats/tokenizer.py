@@ -80,7 +80,46 @@ def _varint(n: int) -> bytes:
         out.append(b | 0x80)
 
 
-_VARINTS = [bytes([i]) for i in range(128)] + [bytes([0x80 | (i & 0x7F), i >> 7]) for i in range(128, 1 << 14)]
+def _pieces_proto(encs: list[bytes], scores: np.ndarray, ptype: np.ndarray) -> bytes:
+    """ModelProto.pieces (field 1), one record per piece: 0x0a len {0x0a len piece, 0x15 score, 0x18 type},
+    written by whole-array numpy (a Python loop over 262k pieces costs a large share of the start-up)."""
+    n = len(encs)
+    lens = np.fromiter(map(len, encs), np.int64, n)
+    if n and int(lens.max()) >= (1 << 14) - 11:  # varints of more than 2 bytes: rare enough to loop
+        return b"".join(b"\x0a" + _varint(len(p) + len(_varint(len(p))) + 8) + b"\x0a" + _varint(len(p)) + p
+                        + b"\x15" + struct.pack("<f", s) + b"\x18" + bytes([t])
+                        for p, s, t in zip(encs, scores.tolist(), ptype.tolist()))
+    len_size = np.where(lens < 128, 1, 2)
+    inner = lens + len_size + 8                           # 0x0a, varint, piece, 0x15, f32, 0x18, type
+    inner_size = np.where(inner < 128, 1, 2)
+    start = np.zeros(n + 1, np.int64)
+    np.cumsum(1 + inner_size + inner, out=start[1:])
+    out = np.empty(int(start[-1]), np.uint8)
+
+    def put(at: np.ndarray, byte) -> None:
+        out[at] = byte
+
+    def put_varint(at: np.ndarray, value: np.ndarray, size: np.ndarray) -> None:
+        out[at] = np.where(size == 1, value, (value & 0x7F) | 0x80)
+        two = size == 2
+        out[at[two] + 1] = value[two] >> 7
+
+    at = start[:-1]
+    put(at, 0x0A)
+    put_varint(at + 1, inner, inner_size)
+    at = at + 1 + inner_size
+    put(at, 0x0A)
+    put_varint(at + 1, lens, len_size)
+    at = at + 1 + len_size                                # first byte of the piece
+    text = np.frombuffer(b"".join(encs), np.uint8)
+    first = np.cumsum(lens) - lens                        # where each piece starts in `text`
+    out[np.repeat(at - first, lens) + np.arange(text.size)] = text
+    at = at + lens
+    put(at, 0x15)
+    out[(at + 1)[:, None] + np.arange(4)] = np.asarray(scores, "<f4").view(np.uint8).reshape(n, 4)
+    put(at + 5, 0x18)
+    put(at + 6, ptype)
+    return out.tobytes()
 
 
 class StreamDecoder:
@@ -186,7 +225,7 @@ class Tokenizer:
         import sentencepiece as spm
 
         n = self.n_vocab
-        scb = (scores if scores is not None else np.zeros(n, np.float32)).astype("<f4").tobytes()
+        sc = (scores if scores is not None else np.zeros(n, np.float32)).astype("<f4")
         # Every piece is NORMAL for the merge search, as llama.cpp merges into any token type;
         # only byte pieces keep BYTE (for fallback) and one piece must be UNKNOWN (sentencepiece asks).
         types = np.asarray(self._types)
@@ -207,16 +246,7 @@ class Tokenizer:
                     encs[i] = f"\ue000qatserve-unreachable-{i}".encode()
         if unk is not None:
             ptype[unk] = UNKNOWN
-        tail = np.zeros(n, dtype=[("f", "u1"), ("s", "<f4"), ("t", "u1"), ("v", "u1")])
-        tail["f"], tail["t"], tail["v"] = 0x15, 0x18, ptype
-        tail["s"] = np.frombuffer(scb, "<f4")
-        tb = tail.tobytes()
-        tails = [tb[k:k + 7] for k in range(0, 7 * n, 7)]
-        vi = _VARINTS
-        parts = [b"\x0a" + vi[len(p) + len(vi[len(p)]) + 8] + b"\x0a" + vi[len(p)] + p + tl
-                 for p, tl in zip(encs, tails)] if max(map(len, encs)) < 1 << 13 else [
-                 b"\x0a" + _varint(len(p) + len(_varint(len(p))) + 8) + b"\x0a" + _varint(len(p)) + p + tl
-                 for p, tl in zip(encs, tails)]
+        parts = [_pieces_proto(encs, sc, ptype)]
         if unk is None:  # sentencepiece requires an unknown piece; this one is never produced by text
             pb = "\ue000qatserve-unk".encode()
             body = b"\x0a" + _varint(len(pb)) + pb + b"\x15" + struct.pack("<f", 0.0) + b"\x18\x02"

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 import torch
 import torch.nn.functional as F
 
-from qatserve.quant.kernels import ggml_numerics
+from qatserve.quant.kernels import ggml_numerics, gpu_fusions
 from qatserve.quant.linear import QuantLinear
 
 if TYPE_CHECKING:
@@ -55,7 +55,11 @@ class StepInputs:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim. x [..., n], weight [n] (GGUF stores Gemma's 1 + w already)."""
+    """RMSNorm over the last dim. x [..., n], weight [n] (GGUF stores Gemma's 1 + w already).
+    On a CUDA device one Triton launch that reads strided head views in place (kernels/gpu_fusions.py)."""
+    fused = gpu_fusions.rms_norm(x, weight)
+    if fused is not None:
+        return fused.rms_norm(x, weight, eps)
     return F.rms_norm(x, weight.shape, weight, eps)
 
 
@@ -82,17 +86,32 @@ class Rope:
         self.inv_freq = freq_scale * base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
         self.cos = torch.empty(0, dim)
         self.sin = torch.empty(0, dim)
+        self.device = torch.device("cpu")
+        self.reserved = 0  # tables cover [0, reserved) for good: device positions skip the bounds check
 
     def _grow(self, n: int) -> None:
         n = max(n, 2 * self.cos.shape[0], 256)
-        angles = torch.arange(n, dtype=torch.float64)[:, None] * self.inv_freq[None, :]
+        # Angles on the CPU in float64 (the same bits on every device), then the tables move.
+        angles = torch.arange(n, dtype=torch.float64)[:, None] * self.inv_freq.cpu()[None, :]
         cos, sin = angles.cos().float(), angles.sin().float()
         if self.neox:
-            self.cos = torch.cat((cos, cos), dim=-1)
-            self.sin = torch.cat((-sin, sin), dim=-1)
+            cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
         else:
-            self.cos = torch.stack((cos, cos), dim=-1).flatten(-2)
-            self.sin = torch.stack((-sin, sin), dim=-1).flatten(-2)
+            cos, sin = torch.stack((cos, cos), dim=-1).flatten(-2), torch.stack((-sin, sin), dim=-1).flatten(-2)
+        self.cos, self.sin = cos.to(self.device), sin.to(self.device)
+
+    def to(self, device) -> "Rope":
+        """Keep the tables on `device` (the positions given to tables() must be there too)."""
+        self.device = torch.device(device)
+        self.cos, self.sin = self.cos.to(self.device), self.sin.to(self.device)
+        return self
+
+    def reserve(self, n: int) -> None:
+        """Grow the tables to n positions now and trust callers to stay below n: tables() then reads no
+        device value back to the host (a CUDA graph cannot contain such a sync)."""
+        if n > self.cos.shape[0]:
+            self._grow(n)
+        self.reserved = max(self.reserved, n)
 
     def _arrange(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.neox:
@@ -104,9 +123,10 @@ class Rope:
         if self.cos_sin is not None:
             cos, sin = self._arrange(*self.cos_sin(positions, self.dim, self.base, self.freq_scale))
             return cos[:, None, :], sin[:, None, :]
-        need = int(positions.max()) + 1
-        if need > self.cos.shape[0]:
-            self._grow(need)
+        if not (self.reserved and positions.device.type != "cpu"):
+            need = int(positions.max()) + 1
+            if need > self.cos.shape[0]:
+                self._grow(need)
         return self.cos[positions][:, None, :], self.sin[positions][:, None, :]
 
     def _swap(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,6 +137,9 @@ class Rope:
     def apply(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x [T, H, D] -> rotated x (only the first `dim` features rotate)."""
         cos, sin = tables
+        fused = gpu_fusions.rope(x, cos, sin, self.dim)
+        if fused is not None:  # CUDA: the same products and sum in one launch (kernels/triton_fused.py)
+            return fused.rope(x, cos, sin, self.dim, self.neox)
         if self.dim == x.shape[-1]:
             return x * cos + self._swap(x) * sin
         rot, rest = x[..., : self.dim], x[..., self.dim :]
@@ -170,7 +193,11 @@ def attention(
 
 
 def gelu_tanh_glu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """GeGLU with the tanh approximation of GELU (Gemma's gelu_pytorch_tanh)."""
+    """GeGLU with the tanh approximation of GELU (Gemma's gelu_pytorch_tanh). On a CUDA device one Triton
+    launch over the gate|up halves (kernels/gpu_fusions.py)."""
+    fused = gpu_fusions.geglu(gate, up)
+    if fused is not None:
+        return fused.geglu(gate, up)
     return F.gelu(gate, approximate="tanh") * up
 
 

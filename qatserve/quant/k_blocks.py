@@ -19,8 +19,15 @@ QK_K = 256
 
 def _planes(b: torch.Tensor, shifts: list[int], mask: int) -> torch.Tensor:
     """uint8 [n, g, L] -> uint8 [n, g, len(shifts), L]: (b >> s) & mask for each shift s."""
-    s = torch.tensor(shifts, dtype=torch.uint8, device=b.device).view(len(shifts), 1)
+    key = (tuple(shifts), b.device)
+    s = _SHIFTS.get(key)
+    if s is None:
+        # Made once per device and kept: a host->device copy inside a CUDA graph capture is an error.
+        s = _SHIFTS[key] = torch.tensor(shifts, dtype=torch.uint8, device=b.device).view(len(shifts), 1)
     return (b.unsqueeze(-2) >> s) & mask
+
+
+_SHIFTS: dict[tuple, torch.Tensor] = {}
 
 
 def _affine(dl: torch.Tensor, q: torch.Tensor, ml: torch.Tensor | None, out: Out) -> torch.Tensor:

@@ -5,6 +5,8 @@ Backends (chosen per matrix, `backend="auto"`):
   Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K.
 - "torch": weights dequantised once to float32, torch matmul. Fallback for every other type
   (F32/F16/BF16, Q2_K, Q3_K, IQ*), and for tensors on a non-CPU device.
+- "gpu": after `to_device(cuda)`: the weights uploaded once in the GPU kernels' layout and run by the
+  Triton kernels (kernels/gpu_matmul.py; float32 activations in and out, batch-invariant plans).
 - "ggml": llama.cpp's x86 CPU numerics (kernels/ggml_matmul.py): activations quantised to the weight
   type's vec_dot_type, exact integer block dots, llama.cpp's float32 accumulation order. Slow; for
   reproducing llama.cpp token for token (tests/golden), never chosen by "auto".
@@ -25,11 +27,8 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from . import blocks
+from .kernels.cpu import ACCURACY_LEVEL  # MatMulNBits' accuracy_level (kernels/cpu.py says why 4)
 
-# accuracy_level for MatMulNBits: 4 quantises activations to int8 per block (llama.cpp's CPU path does
-# the same with Q8_0/Q8_K activations); 0 keeps float activations (exact up to fp32 rounding, but its
-# 8-bit kernel dequantises B per call: ~40x slower at batch 1). See benchmarks/cpu_matmul.py.
-ACCURACY_LEVEL = 4
 # Matrices with at least this many weights get an intra-op pool (hand-off cost is amortised).
 BIG_MATRIX = 8 * 1024 * 1024
 # Batches of at least this many rows are split across the Python thread pool.
@@ -100,6 +99,7 @@ class QuantLinear(torch.nn.Module):
         self._rowwise = None
         self._pad_single = False
         self._ggml = None
+        self._gpu = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -121,7 +121,7 @@ class QuantLinear(torch.nn.Module):
         self.out_features = sum(p.out_features for p in parts)
         self.accuracy_level, self.backend_name = p0.accuracy_level, "ort"
         self._raw, self._parts, self._sess, self._dense = None, list(parts), None, None
-        self._ggml, self._rowwise, self._pad_single = None, None, False
+        self._ggml, self._rowwise, self._pad_single, self._gpu = None, None, False, None
         self._lock = threading.Lock()
         if len({cpu.LAYOUT[p.qtype] for p in parts}) != 1:
             raise ValueError(f"fused: formats {[p.qtype.name for p in parts]} have different layouts")
@@ -140,7 +140,9 @@ class QuantLinear(torch.nn.Module):
     def prepare(self) -> "QuantLinear":
         """Repack and build the session (or dense weight) now instead of on the first forward."""
         with self._lock:
-            if self.backend_name == "ggml":
+            if self._gpu is not None:
+                pass  # uploaded by to_device
+            elif self.backend_name == "ggml":
                 if self._ggml is None:
                     from .kernels.ggml_matmul import GGMLQuantMatmul
 
@@ -152,24 +154,43 @@ class QuantLinear(torch.nn.Module):
             elif self._sess is None:
                 from .kernels import cpu
 
-                if self._parts is not None:
-                    w = cpu.concat([cpu.repack(p._raw, p.qtype, p.in_features, p.out_features)
-                                    for p in self._parts])
-                else:
-                    w = cpu.repack(self._raw, self.qtype, self.in_features, self.out_features)
                 big = self.in_features * self.out_features >= BIG_MATRIX
+                threads = _threads if big else 1
+                sess = None if self._parts is not None else cpu.take_early(
+                    self._raw, self.qtype, self.in_features, self.out_features, self.accuracy_level, threads)
+                if sess is None:
+                    if self._parts is not None:
+                        w = cpu.concat([cpu.repack(p._raw, p.qtype, p.in_features, p.out_features)
+                                        for p in self._parts])
+                    else:
+                        w = cpu.repack(self._raw, self.qtype, self.in_features, self.out_features)
+                    sess = cpu.make_session(w, self.accuracy_level, threads)
                 # MLAS's 4-bit kernel has an M = 1 path whose rounding differs from M >= 2; a lone row
                 # is run as two so that a token's result never depends on the batch it is in
                 # (kernels/dense.py says why that matters). Measured cost: ~15% on a 4-bit matvec.
-                self._pad_single = w.bits == 4
-                self._sess = cpu.make_session(w, self.accuracy_level, _threads if big else 1)
+                self._pad_single = cpu.LAYOUT[self.qtype][0] == 4
+                self._sess = sess
                 self._big = big
                 # Skip InferenceSession.run's per-call Python validation (~5 us x 127 calls per token).
                 self._run = self._sess._sess.run
         return self
 
+    def to_device(self, device) -> "QuantLinear":
+        """Run this layer on `device` from now on: the GGUF blocks (every part of a fused layer) are
+        uploaded once in the GPU kernels' layout (kernels/gpu_matmul.py). `device`: a CUDA GPU, or the
+        CPU under TRITON_INTERPRET=1 (tests). The host blocks stay mapped for dequantized()."""
+        from .kernels.gpu_matmul import GPUMatmul
+
+        parts = self._parts if self._parts is not None else [self]
+        with self._lock:
+            self._gpu = GPUMatmul([(p._raw, p.qtype, p.in_features, p.out_features) for p in parts], device)
+            self.backend_name = "gpu"
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x float32 [..., in_features] -> float32 [..., out_features]."""
+        if self._gpu is not None:
+            return self._gpu(x)
         lead = x.shape[:-1]
         if self.backend_name == "ggml":
             if self._ggml is None:
@@ -219,12 +240,26 @@ class QuantEmbedding(torch.nn.Module):
         self.n_vocab, self.dim = int(n_vocab), int(dim)
         self._row_bytes = blocks.row_bytes(self.qtype, self.dim)
         self._rows = _as_numpy(raw).reshape(self.n_vocab, self._row_bytes)
+        self._dev_rows: torch.Tensor | None = None
+
+    def to_device(self, device) -> "QuantEmbedding":
+        """Keep the table's blocks on `device` (uploaded once) and gather/decode rows there."""
+        from .kernels.gpu_matmul import upload
+
+        self._dev_rows = upload(self._rows, device).view(self.n_vocab, self._row_bytes)
+        return self
 
     def extra_repr(self) -> str:
         return f"n_vocab={self.n_vocab}, dim={self.dim}, qtype={self.qtype.name}"
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids int64 [...] -> float32 [..., dim], bit-identical to the dequantised table's rows."""
+        if self._dev_rows is not None:
+            # On the device: gather the rows' blocks there and decode them (no host sync, so a CUDA
+            # graph can hold it).
+            idx = ids.detach().reshape(-1).to(self._dev_rows.device)
+            rows = self._dev_rows.index_select(0, idx)
+            return blocks.dequantize(rows, self.qtype, (idx.shape[0], self.dim)).view(*ids.shape, self.dim)
         idx = ids.detach().cpu().reshape(-1).numpy()
         rows = self._rows[idx]  # fancy indexing copies just these rows out of the (memmapped) table
         out = blocks.dequantize(rows, self.qtype, (idx.size, self.dim))

@@ -15,7 +15,7 @@ from typing import Callable
 
 from fastapi import FastAPI
 
-from qatserve.server import errors, llamacpp_routes, metrics, openai_routes
+from qatserve.server import errors, llamacpp_routes, metrics, openai_routes, slot_routes
 from qatserve.server.gate import Gate
 from qatserve.server.state import ServerState
 
@@ -65,6 +65,7 @@ def create_app(state: ServerState, warm_up: Callable[[], None] | None = None,
     errors.install(app)
     app.include_router(openai_routes.router)
     app.include_router(llamacpp_routes.router)
+    app.include_router(slot_routes.router)
     app.include_router(metrics.router)
     app.add_middleware(Gate, state=state)
     return app

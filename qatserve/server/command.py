@@ -27,6 +27,8 @@ def add_parser(sub) -> None:
     g.add_argument("--no-cache-prompt", "--no-prefix-cache", dest="no_cache_prompt", action="store_true",
                    help="disable the prefix cache (reuse of KV blocks between requests sharing a prompt prefix)")
     g.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    g.add_argument("--device", default="auto", metavar="D",
+                   help="auto (the CUDA GPU when present), cpu or cuda (default auto)")
     g.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a free slot; beyond that 429 (default 64)")
     h = s.add_argument_group("HTTP")
@@ -42,10 +44,17 @@ def add_parser(sub) -> None:
     h.add_argument("--body-limit", type=int, default=8 << 20, metavar="BYTES",
                    help="largest request body accepted; larger ones get 413 (default 8 MiB)")
     h.add_argument("-v", "--verbose", action="store_true", help="uvicorn's info and access logs")
+    h.add_argument("--slot-save-path", metavar="DIR", default=None,
+                   help="directory for POST /slots/ID?action=save|restore|erase (llama.cpp's slot files; "
+                        "disabled without it); idle slots then keep their last prompt's KV for reuse")
+    from qatserve.engine.speculative.flags import add_speculative_args  # the same group as `qatserve run`
+
+    add_speculative_args(s)
 
 
 def check(args: argparse.Namespace) -> None:
-    """Flag values argparse cannot check by type; RequestError names the flag."""
+    """Flag values argparse cannot check by type; RequestError names the flag. Sets `args.speculative`
+    (a SpeculativeConfig or None) so a bad speculative flag or path fails before anything binds."""
     rules = [
         (0 <= args.port <= 65535, f"--port must be in 0..65535, got {args.port}"),
         (args.threads is None or args.threads >= 1, f"--threads must be at least 1, got {args.threads}"),
@@ -58,6 +67,18 @@ def check(args: argparse.Namespace) -> None:
     for ok, message in rules:
         if not ok:
             raise RequestError(message)
+    if args.slot_save_path is not None:
+        if not os.path.isdir(args.slot_save_path):
+            raise RequestError(f"--slot-save-path {args.slot_save_path}: not a directory")
+        args.slot_save_path = os.path.realpath(args.slot_save_path)  # files are named relative to this
+    from qatserve.engine.speculative.flags import speculative_config_from_args
+
+    args.speculative = speculative_config_from_args(args)
+    for flag, path in (("--assistant", args.assistant), ("-md", args.draft_model)):
+        # Checked here, before the target loads (seconds); what is wrong inside the file is found when
+        # the drafter binds to the target, still before the server listens.
+        if path is not None and not os.path.isfile(path):
+            raise RequestError(f"{flag} {path}: no such file")
 
 
 def run(args: argparse.Namespace) -> int:

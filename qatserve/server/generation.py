@@ -22,8 +22,10 @@ from qatserve.server.state import ServerState
 _ENGINE_POLL = 0.25  # s between checks that the engine thread is alive while a submit is pending
 
 
-async def submit(state: ServerState, prompt: list[int], params: SamplingParams, request_id: str) -> RequestHandle:
-    """Queue the request; APIError 400 (bad prompt), 429 (queue full) or 503 (stopping) at once."""
+async def submit(state: ServerState, prompt: list[int], params: SamplingParams, request_id: str,
+                 **options) -> RequestHandle:
+    """Queue the request; APIError 400 (bad prompt), 429 (queue full) or 503 (stopping) at once.
+    `options`: the engine's per-request keywords (sampling.engine_options)."""
     if state.draining:
         raise unavailable("server is shutting down")
     # Admission is counted here, on the event loop, because the engine only fills slots at its next
@@ -35,7 +37,7 @@ async def submit(state: ServerState, prompt: list[int], params: SamplingParams, 
         raise APIError(429, f"server busy: {cfg.n_slots} slot(s) and {cfg.max_queue} queue place(s) taken; "
                        "retry later", code="queue_full", headers={"Retry-After": "1"})
     state.pending += 1
-    task = asyncio.ensure_future(state.aengine.submit(prompt, params, request_id))
+    task = asyncio.ensure_future(state.aengine.submit(prompt, params, request_id, **options))
     try:
         # asyncio.wait never cancels `task`: cancelling a submit in flight would cancel the future the
         # engine thread is about to complete. The engine thread runs the submit between steps; if it

@@ -4,9 +4,13 @@ Order, chosen so every expected start-up failure is one stderr line and a non-ze
 anything listens (faults 1-13: a bad model file never gets a listening server):
   1. flags -> ServerConfig / EngineConfig (RequestError);
   2. bind the socket, not yet listening (port in use -> ServerError);
-  3. memory-map and build the model (GGUFError / ModelError), allocate the engine's KV cache;
-  4. listen, /health 503; build every matmul kernel on a worker thread; start the engine; /health 200
-     and the "listening" line with the seconds from process start to ready.
+  3. memory-map and check the GGUF (GGUFError) before torch is imported, and start building the output
+     head's matmul kernel on a worker thread; build the model (ModelError) and start every other kernel on
+     a worker thread; build the tokenizer, allocate the engine's KV cache;
+  4. listen, /health 503; wait for the kernels; start the engine; /health 200 and the "listening" line
+     with the seconds from process start to ready.
+The kernel builds overlap the Python work (imports, tokenizer, HTTP stack) because onnxruntime and
+numpy release the GIL; nothing is deferred past ready.
 The figure is what a user waits for: process start until /health says 200 and the first request
 runs at full speed (kernels built), measured from the kernel's process start time (/proc).
 """
@@ -47,12 +51,12 @@ def _say_safely(message: str) -> None:
 
 def bind(host: str, port: int) -> socket.socket:
     """A bound, not yet listening, TCP socket for host:port (port 0 picks a free one)."""
-    from qatserve.server.errors import ServerError
-
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                           flags=socket.AI_PASSIVE)[0]
     except socket.gaierror as e:
+        from qatserve.server.errors import ServerError  # fastapi with it: imported on failure only here
+
         raise ServerError(f"cannot resolve --host {host!r}: {e.strerror}") from None
     sock = socket.socket(family, kind, proto)
     try:
@@ -61,6 +65,8 @@ def bind(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
     except OSError as e:
+        from qatserve.server.errors import ServerError
+
         sock.close()
         raise ServerError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     sock.set_inheritable(True)
@@ -77,23 +83,33 @@ def _prepare_kernels(model) -> None:
 
 def serve(args) -> int:
     """Run the server until SIGTERM/SIGINT; the exit code."""
-    from qatserve.server.state import ServerConfig
+    from qatserve.quant.kernels import cpu
 
     t_entry = seconds_since_process_start()
-    cfg = ServerConfig(host=args.host, port=args.port, api_key=args.api_key, alias=args.alias,
-                       body_limit=args.body_limit, timeout=args.timeout, shutdown_timeout=args.shutdown_timeout,
-                       verbose=args.verbose)
-    engine_cfg = _engine_config(args)
-    sock = bind(cfg.host, cfg.port)
+    # Before torch and the HTTP stack are imported: the port and the model file fail fast, and the
+    # output head's kernel builds on a worker thread while those imports hold the interpreter.
+    sock = bind(args.host, args.port)
+    gguf = None
     try:
-        state, phases = _load(args, cfg, engine_cfg)
+        gguf = _open_model(args)
+        t_open = seconds_since_process_start()
+        from qatserve.server.state import ServerConfig
+
+        cfg = ServerConfig(host=args.host, port=args.port, api_key=args.api_key, alias=args.alias,
+                           body_limit=args.body_limit, timeout=args.timeout, shutdown_timeout=args.shutdown_timeout,
+                           verbose=args.verbose, slot_save_path=args.slot_save_path)
+        engine_cfg = _engine_config(args)
+        state, phases, kernels = _load(args, cfg, engine_cfg, gguf, t_open)
     except BaseException:
+        cpu.drop_early()
+        if gguf is not None:
+            gguf.close()
         sock.close()
         raise
-    phases = {"process_to_serve": round(t_entry, 3), **phases}
+    phases = {"process_to_serve": round(t_entry, 3), "open": round(t_open - t_entry, 3), **phases}
     port = sock.getsockname()[1]
     url = f"http://{cfg.host if ':' not in cfg.host else '[' + cfg.host + ']'}:{port}"
-    return _run(state, sock, url, phases)
+    return _run(state, sock, url, phases, kernels)
 
 
 def _engine_config(args):
@@ -103,38 +119,64 @@ def _engine_config(args):
     kv = KVCacheOptions(args.cache_type_k, args.cache_type_v, rotate=not args.no_kv_rotation,
                         prefix_cache=not args.no_cache_prompt)
     return EngineConfig(n_ctx=args.ctx_size, n_slots=args.parallel, max_batch_tokens=args.batch_size,
-                        max_queue=args.max_queue, kv=kv)
+                        max_queue=args.max_queue, kv=kv, spec=getattr(args, "speculative", None),
+                        keep_slots=args.slot_save_path is not None)
 
 
-def _load(args, cfg, engine_cfg):
-    t0 = time.perf_counter()
+def _open_model(args):
+    """The model file mapped and checked (GGUFError), its output head's kernel started on a worker thread
+    (the biggest matrix: half the default model's kernel work); the model's head layer takes it
+    (quant/kernels/cpu.py, build_early). The head is `output.weight`, or the token embeddings when the
+    file ties them; a model that uses that tensor otherwise just builds its own kernel."""
     from qatserve.default_model import default_model_path
+    from qatserve.formats.gguf_reader import open_gguf
+    from qatserve.quant.kernels import cpu
+
+    gguf = open_gguf(args.model or default_model_path())
+    name = "output.weight" if "output.weight" in gguf.tensors else "token_embd.weight"
+    info = gguf.tensors.get(name)
+    if info is not None and info.ggml_type in cpu.SUPPORTED and len(info.ne) == 2:
+        cpu.build_early(gguf.tensor_bytes(name), info.ggml_type, info.ne[0], info.ne[1],
+                        threads=args.threads or os.cpu_count() or 1)
+    return gguf
+
+
+def _load(args, cfg, engine_cfg, gguf, t_open: float):
     from qatserve.engine.engine import Engine
     from qatserve.engine.loader import load_model_file
     from qatserve.errors import RequestError
+    from qatserve.quant.background import KernelBuild
     from qatserve.quant.linear import set_cpu_threads
     from qatserve.server.state import ServerState
 
     set_cpu_threads(args.threads or os.cpu_count() or 1)
-    t1 = time.perf_counter()
-    path = args.model or default_model_path()
-    loaded = load_model_file(path)
-    if loaded.tokenizer is None:
-        loaded.gguf.close()
-        raise RequestError(f"{path}: the file has no tokenizer (tokenizer.ggml.*), so it cannot serve text")
-    t2 = time.perf_counter()
-    engine = Engine(loaded.model, loaded.tokenizer, engine_cfg)
-    t3 = time.perf_counter()
+    t1 = seconds_since_process_start()
+    kernels: list[KernelBuild] = []  # started as soon as the model exists, beside the tokenizer and the rest
+    try:
+        loaded = load_model_file(gguf, on_model=lambda model: kernels.append(KernelBuild(model)),
+                                 device=getattr(args, "device", "auto"))
+        if loaded.tokenizer is None:
+            raise RequestError(f"{gguf.path}: the file has no tokenizer (tokenizer.ggml.*), so it cannot serve text")
+        t2 = seconds_since_process_start()
+        engine = Engine(loaded.model, loaded.tokenizer, engine_cfg)
+    except BaseException:
+        for k in kernels:
+            k.cancel()
+        raise
+    t3 = seconds_since_process_start()
     _say(f"loaded {loaded.path.name} ({loaded.config.arch}, {loaded.config.n_layer} layers) in "
          f"{loaded.load_seconds:.2f} s; {engine_cfg.n_slots} slot(s) of {engine.n_ctx_slot} tokens, "
-         f"KV {engine_cfg.kv.type_k}/{engine_cfg.kv.type_v}")
-    phases = {"imports": round(t1 - t0, 3), "load": round(t2 - t1, 3), "engine": round(t3 - t2, 3)}
-    return ServerState(loaded, engine, cfg), phases
+         f"KV {engine_cfg.kv.type_k}/{engine_cfg.kv.type_v}"
+         + (f"; drafting with {engine.spec.cfg.type}" if engine.spec is not None else ""))
+    phases = {"imports": round(t1 - t_open, 3), "load": round(t2 - t1, 3), "engine": round(t3 - t2, 3)}
+    return ServerState(loaded, engine, cfg), phases, kernels[0]
 
 
-def _run(state, sock, url: str, phases: dict) -> int:
+def _run(state, sock, url: str, phases: dict, kernels) -> int:
+    t_http = seconds_since_process_start()
     import uvicorn
 
+    from qatserve.quant.kernels import cpu
     from qatserve.server.app import create_app
     from qatserve.server.http_guard import GuardedH11Protocol
 
@@ -142,22 +184,31 @@ def _run(state, sock, url: str, phases: dict) -> int:
     server = None
 
     def warm_up() -> None:
-        t = time.perf_counter()
-        _prepare_kernels(state.loaded.model)
-        phases["kernels"] = round(time.perf_counter() - t, 3)
+        # Runs once the socket listens: the HTTP stack's start-up ran beside the kernel build.
+        t = seconds_since_process_start()
+        phases["http"] = round(t - t_http, 3)
+        phases["kernels"] = round(kernels.wait(), 3)
+        _prepare_kernels(state.loaded.model)  # nothing left unless a layer was added after the build started
+        cpu.drop_early()  # an early kernel no layer took (a model that uses its head otherwise)
+        phases["kernel_wait"] = round(seconds_since_process_start() - t, 3)
 
     def on_ready(st) -> None:
         phases["ready"] = round(seconds_since_process_start(), 3)
-        # CPU seconds of the whole process so far: start-up is nearly serial, so on an idle machine the
-        # wall figure is close to this; on a busy one the wall figure grows and this one does not.
+        # CPU seconds of the whole process so far (every thread), and of this (the main) thread, which
+        # carries the serial part: on an idle 2-core machine the wall figure is close to the main thread's
+        # CPU plus the wait for the kernels; on a busy one the wall figure grows and these hardly do.
         phases["cpu"] = round(time.process_time(), 3)
+        phases["cpu_main"] = round(time.thread_time(), 3)
         st.startup.update(phases)
         python = phases["process_to_serve"] + phases["imports"]
-        known = python + phases["load"] + phases["engine"] + phases.get("kernels", 0.0)
+        model = phases["open"] + phases["load"]
+        # The phases in order add up to the figure; the kernels were built on a worker thread beside the
+        # model's tokenizer, the KV cache and the HTTP server, and the wait is what was left of them.
         _say(f"listening on {url} (load-to-listening {phases['ready']:.2f} s from process start, "
-             f"{phases['cpu']:.2f} s of CPU: "
-             f"python and imports {python:.2f} s, model {phases['load']:.2f} s, KV cache {phases['engine']:.2f} s, "
-             f"kernels {phases.get('kernels', 0):.2f} s, HTTP server {phases['ready'] - known:.2f} s)")
+             f"{phases['cpu']:.2f} s of CPU, {phases['cpu_main']:.2f} s on the main thread: "
+             f"python and imports {python:.2f} s, model {model:.2f} s, KV cache {phases['engine']:.2f} s, "
+             f"HTTP server {phases.get('http', 0):.2f} s, waiting for kernels {phases.get('kernel_wait', 0):.2f} s; "
+             f"kernels built beside these in {phases.get('kernels', 0):.2f} s)")
 
     def on_fatal(exc: BaseException) -> None:
         _say(f"error: start-up failed: {type(exc).__name__}: {exc}")

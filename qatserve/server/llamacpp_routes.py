@@ -23,7 +23,7 @@ from qatserve.server.errors import APIError
 from qatserve.server.openai_format import new_id
 from qatserve.server.openai_routes import CLIENT_CLOSED
 from qatserve.server.prompts import check_ids, text_or_ids
-from qatserve.server.sampling import max_new_tokens, sampling_params
+from qatserve.server.sampling import engine_options, max_new_tokens, sampling_params
 from qatserve.server.schemas import DetokenizeRequest, LlamaCompletionRequest, TokenizeRequest
 from qatserve.server.state import ServerState, state_of
 
@@ -54,7 +54,16 @@ def _settings(state: ServerState, params: SamplingParams | None = None) -> dict:
             "min_p": p.min_p, "repeat_penalty": p.repeat_penalty, "repeat_last_n": p.repeat_last_n,
             "presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty,
             "seed": p.seed if p.seed is not None else -1, "n_predict": p.max_tokens, "stop": list(p.stop),
-            "n_probs": p.n_probs}
+            "n_probs": p.n_probs, **_speculative_settings(state)}
+
+
+def _speculative_settings(state: ServerState) -> dict:
+    # llama.cpp's names in generation_settings (the server's defaults; a request may override the block)
+    spec = state.engine.config.spec
+    if spec is None or state.engine.spec is None:
+        return {"speculative.type": "none"}
+    return {"speculative.type": spec.type, "speculative.n_max": "auto" if spec.auto else spec.n_max,
+            "speculative.n_min": spec.n_min, "speculative.p_min": spec.p_min}
 
 
 @router.get("/props")
@@ -177,8 +186,8 @@ async def completion(request: Request) -> Response:
     ids = await text_or_ids(state.tokenizer, body.prompt, mixed=True)
     requested = None if body.n_predict in (None, -1) else body.n_predict
     params = sampling_params(body, max_new_tokens(len(ids), requested, state.n_ctx_slot, "n_predict"),
-                             n_probs=body.n_probs)
-    handle = await generation.submit(state, ids, params, new_id("cmpl"))
+                             n_probs=body.n_probs, eog_ids=state.tokenizer.stop_ids)
+    handle = await generation.submit(state, ids, params, new_id("cmpl"), **engine_options(body, state))
     job = _Completion(state, body, ids, params, handle)
     if body.stream:
         return sse.sse_response(job.frames(), on_close=lambda: generation.release(state, handle))

@@ -44,6 +44,9 @@ class EngineCollector:
         yield counter("draft_tokens_accepted", "Speculative tokens accepted", st.draft_accepted)
         yield gauge("draft_acceptance_ratio", "Accepted / proposed speculative tokens",
                     _ratio(st.draft_accepted, st.draft_tokens))
+        yield counter("draft_verifications", "Target forwards that verified a draft", st.draft_steps)
+        yield gauge("draft_mean_accepted_length", "Tokens emitted per verification forward (accepted drafts + 1)",
+                    1.0 + st.draft_accepted / st.draft_steps if st.draft_steps else 0.0)
         # Averages over finished requests, as llama.cpp's prompt_tokens_seconds / predicted_tokens_seconds.
         yield gauge("prompt_tokens_per_second", "Average prompt throughput of finished requests",
                     _ratio(c.prompt_tokens, c.prompt_seconds))

@@ -14,7 +14,7 @@ from qatserve.server.errors import APIError
 from qatserve.server.openai_format import (FINISH, Reply, chat_body, chat_chunk, chat_logprob, completion_body,
                                            completion_chunk, completion_logprobs, new_id, usage)
 from qatserve.server.prompts import chat_prompt, text_or_ids
-from qatserve.server.sampling import max_new_tokens, sampling_params
+from qatserve.server.sampling import engine_options, max_new_tokens, sampling_params
 from qatserve.server.schemas import ChatCompletionRequest, CompletionRequest
 from qatserve.server.state import ServerState, state_of
 
@@ -52,9 +52,9 @@ async def chat_completions(request: Request) -> Response:
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     limit = max_new_tokens(len(ids), body.max_completion_tokens or body.max_tokens, state.n_ctx_slot, param,
                            prompt_param="messages")
-    params = sampling_params(body, limit, n_probs=body.top_logprobs or 0)
+    params = sampling_params(body, limit, n_probs=body.top_logprobs or 0, eog_ids=state.tokenizer.stop_ids)
     reply = Reply(new_id("chatcmpl"), state.model_id, chat=True)
-    handle = await generation.submit(state, ids, params, reply.id)
+    handle = await generation.submit(state, ids, params, reply.id, **engine_options(body, state))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse.sse_response(_chat_frames(state, handle, reply, body.logprobs, include_usage),
@@ -92,10 +92,10 @@ async def completions(request: Request) -> Response:
     check_model(state, body.model)
     ids = await text_or_ids(state.tokenizer, body.prompt)
     params = sampling_params(body, max_new_tokens(len(ids), body.max_tokens, state.n_ctx_slot),
-                             n_probs=body.logprobs or 0)
+                             n_probs=body.logprobs or 0, eog_ids=state.tokenizer.stop_ids)
     reply = Reply(new_id("cmpl"), state.model_id, chat=False)
     echo = state.tokenizer.decode(ids, skip_special=True) if body.echo else ""
-    handle = await generation.submit(state, ids, params, reply.id)
+    handle = await generation.submit(state, ids, params, reply.id, **engine_options(body, state))
     want_lp = body.logprobs is not None
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

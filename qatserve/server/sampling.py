@@ -10,6 +10,7 @@ Unset sampling fields take llama.cpp's defaults (SamplingParams), also on the Op
 from __future__ import annotations
 
 from qatserve.engine.sampler import SamplingParams
+from qatserve.engine.speculative.config import SpeculativeOverrides
 from qatserve.errors import RequestError
 from qatserve.server.errors import bad_request, from_engine
 from qatserve.server.schemas import SamplingFields
@@ -38,9 +39,34 @@ def max_new_tokens(n_prompt: int, requested: int | None, n_ctx_slot: int, param:
     return requested
 
 
-def sampling_params(body: SamplingFields, max_tokens: int, n_probs: int = 0) -> SamplingParams:
-    """The engine's parameters; a value the schema let through but the sampler refuses is a 400 too."""
+def engine_options(body: SamplingFields, state) -> dict:
+    """The engine's per-request keywords (Engine.add_request): llama.cpp's `id_slot` and the request's
+    speculative block settings, checked against this server (400 naming the field)."""
+    n_slots = state.engine.config.n_slots
+    out: dict = {}
+    if body.id_slot is not None and body.id_slot >= 0:
+        if body.id_slot >= n_slots:
+            raise bad_request(f"id_slot: this server has slots 0..{n_slots - 1}, got {body.id_slot}", param="id_slot")
+        out["slot"] = body.id_slot
+    given = (body.spec_n_max, body.spec_n_min, body.spec_p_min)
+    spec = state.engine.config.spec if state.engine.spec is not None else None
+    if spec is None or all(v is None for v in given):
+        return out  # no drafter: the settings cannot change anything (drafting is lossless), so they are ignored
+    block = body.spec_n_max if body.spec_n_max is not None else spec.block_max
+    if body.spec_n_min is not None and body.spec_n_min > block:
+        raise bad_request(f"speculative.n_min ({body.spec_n_min}) must not exceed the draft block "
+                          f"({block}, speculative.n_max or the server's --draft-max)", param="speculative.n_min")
+    out["speculative"] = SpeculativeOverrides(*given)
+    return out
+
+
+def sampling_params(body: SamplingFields, max_tokens: int, n_probs: int = 0,
+                    eog_ids: frozenset[int] = frozenset()) -> SamplingParams:
+    """The engine's parameters; a value the schema let through but the sampler refuses is a 400 too.
+    eog_ids: the model's end-of-generation tokens, banned when the request sets `ignore_eos`."""
     kwargs = {f: getattr(body, f) for f in _FIELDS if getattr(body, f) is not None}
+    if body.ignore_eos:
+        kwargs["suppressed"] = tuple(sorted(eog_ids))
     seed = body.seed
     if seed is not None and seed < 0:
         if seed != -1:  # llama.cpp's "random"; other negatives are mistakes

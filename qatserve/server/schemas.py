@@ -20,6 +20,7 @@ Finite = Annotated[float, Field(allow_inf_nan=False)]
 MAX_STOP = 16  # stop strings per request (OpenAI allows 4)
 MAX_STOP_CHARS = 1000  # characters per stop string
 MAX_N_PROBS = 20  # the sampler's cap, and OpenAI's top_logprobs maximum
+MAX_DRAFT = 64  # speculative.n_max cap (engine/speculative/config.MAX_BLOCK)
 
 
 def _stop_list(v: Any) -> list[str]:
@@ -61,6 +62,13 @@ class SamplingFields(_Body):
     frequency_penalty: Finite | None = Field(None, ge=-2.0, le=2.0)
     seed: int | None = None
     stop: Any = Field(default_factory=list)  # validated into list[str] by _stop
+    # llama.cpp's per-request speculative fields (flat keys with a dot) and its slot choice; ranges that
+    # depend on the server (n_min <= the block, id_slot < -np) are checked by sampling.engine_options.
+    spec_n_max: int | None = Field(None, alias="speculative.n_max", ge=0, le=MAX_DRAFT)
+    spec_n_min: int | None = Field(None, alias="speculative.n_min", ge=0, le=MAX_DRAFT)
+    spec_p_min: Finite | None = Field(None, alias="speculative.p_min", ge=0.0, le=1.0)
+    id_slot: int | None = Field(None, ge=-1)
+    ignore_eos: bool = False  # llama.cpp's (and vLLM's): end-of-generation tokens are never drawn
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -156,7 +164,6 @@ class LlamaCompletionRequest(SamplingFields):
     return_tokens: bool = False
     n_keep: int | None = Field(None, ge=-1)  # accepted and ignored: no context shift, the request ends instead
     n_discard: int | None = Field(None, ge=0)
-    id_slot: int | None = Field(None, ge=-1)
     UNSUPPORTED = {"grammar": (None, ""), "json_schema": (None, {}), "logit_bias": (None, [], {}),
                     "image_data": (None, []), "lora": (None, [])}
 
@@ -179,6 +186,12 @@ class DetokenizeRequest(_Body):
     tokens: list[int]
 
 
+class SlotFileRequest(_Body):
+    """POST /slots/ID?action=save|restore: the file's name inside --slot-save-path."""
+
+    filename: str
+
+
 def parse(model: type[_Body], data: dict) -> Any:
     """Validate a parsed JSON body; APIError 400 naming the first bad field."""
     for name, neutral in model.UNSUPPORTED.items():
@@ -196,4 +209,4 @@ def parse(model: type[_Body], data: dict) -> Any:
 
 
 __all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "DetokenizeRequest",
-           "LlamaCompletionRequest", "TokenizeRequest", "parse"]
+           "LlamaCompletionRequest", "SlotFileRequest", "TokenizeRequest", "parse"]

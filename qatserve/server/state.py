@@ -26,6 +26,7 @@ class ServerConfig:
     timeout: float = 30.0  # s: idle keep-alive, request headers, request body
     shutdown_timeout: float = 30.0  # s: SIGTERM drains this long, then aborts what is left
     verbose: bool = False
+    slot_save_path: str | None = None  # directory of slot files (POST /slots/ID?action=...); None = disabled
 
 
 @dataclass
@@ -73,6 +74,7 @@ class ServerState:
         self.counters = Counters()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.startup: dict[str, float] = {}  # seconds per start-up phase, for /props and the log
+        self.slot_identity = None  # engine.slot_file.CacheIdentity, computed at the first slot save/restore
 
     @property
     def n_ctx_slot(self) -> int:

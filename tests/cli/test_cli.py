@@ -59,6 +59,17 @@ def test_chat_uses_the_template(smollm_path):
     assert "prompt tokens [1, " in proc.stderr
 
 
+def test_ignore_eos_generates_exactly_n(smollm_path):
+    # SmolLM2-Instruct ends this answer with <|im_end|> after ~24 tokens; --ignore-eos bans the
+    # end-of-generation tokens (llama.cpp's flag), so the same greedy run goes on to -n and starts alike.
+    args = ("run", "-m", str(smollm_path), "--chat", "-n", "48", "--temp", "0", "Say hello.")
+    plain, full = qatserve(*args), qatserve(*args, "--ignore-eos")
+    assert plain.returncode == full.returncode == 0, plain.stderr + full.stderr
+    assert "stop: stop" in plain.stderr and "generated 48 tokens" not in plain.stderr
+    assert "stop: length" in full.stderr and "generated 48 tokens" in full.stderr
+    assert full.stdout.startswith(plain.stdout.rstrip("\n"))
+
+
 def test_missing_and_broken_model_files(tmp_path):
     _one_line_error(qatserve("run", "-m", str(tmp_path / "nope.gguf"), "hi"), 2, "nope.gguf")
     junk = tmp_path / "junk.gguf"

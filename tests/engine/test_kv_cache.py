@@ -46,6 +46,35 @@ def test_quantised_blocks_bit_identical_to_gguf(kind, rotate):
             assert np.array_equal(stored[slots].numpy().reshape(T * 2, -1), want)
 
 
+
+@pytest.mark.parametrize("kind,rotate", [("f16", True), ("bf16", True), ("q8_0", True), ("q8_0", False),
+                                         ("q4_0", True)])
+def test_attention_gets_query_in_the_k_types_dot_type(kind, rotate):
+    # What the attention kernel is handed: Q rotated like K, then rounded as llama.cpp's CPU attention
+    # rounds it for this K type (q8_0 blocks for q8_0/q4_0 keys, bf16 for bf16, float32 for f16 keys).
+    layout = KVLayout(((2, 64, 64),), (0,))
+    cache = PagedKVCache(layout, n_ctx=64, options=KVCacheOptions(kind, kind, rotate=rotate))
+    g = torch.Generator().manual_seed(5)
+    T = 8
+    q, k, v = torch.randn(T, 4, 64, generator=g), torch.randn(T, 2, 64, generator=g), torch.randn(T, 2, 64, generator=g)
+    batch = StepBatch(cache, [Segment(cache.new_sequence(), 0, 0, T, True)])
+    seen = []
+
+    def capture(qq, *a, **kw):
+        seen.append(qq.clone())
+        return torch.zeros(qq.shape[0], 4 * 64)
+
+    batch.attend(0, q, k, v, batch.positions, scale=0.125, attention=capture)
+    got = torch.cat(seen)
+    qr = kv_quant.hadamard(q, 64) if cache.layers[0].rot_k else q
+    if kind == "f16":
+        assert torch.equal(got, q)
+    elif kind == "bf16":
+        assert torch.equal(got, q.to(torch.bfloat16).float())
+    else:
+        assert torch.equal(got, kv_quant.query_for_keys(qr, "q8_0"))
+        assert (got - qr).abs().max() <= qr.abs().max() / 127
+
 def test_k_rotation_size_is_llamacpps():
     assert [kv_quant.k_rotation_group(d) for d in (64, 128, 192, 256, 320, 512)] == [64, 128, 64, 256, 64, 512]
 

@@ -141,3 +141,19 @@ def server(tmp_path_factory):
     finally:
         code = srv.stop()
         assert code == 0, f"server exit code {code}:\n{srv.log()}"
+
+
+@pytest.fixture(scope="session")
+def spec_server(tmp_path_factory):
+    """`--lookup` on 2 slots with slot files in `srv.slot_dir` (test_speculative.py, test_slot_files.py)."""
+    tmp = tmp_path_factory.mktemp("spec")
+    slot_dir = tmp / "slots"
+    slot_dir.mkdir()
+    srv = Server(tmp, "--lookup", "-np", "2", "-c", "2048", "-t", "2", "--slot-save-path", str(slot_dir))
+    srv.slot_dir = slot_dir
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        code = srv.stop()
+        assert code == 0, f"server exit code {code}:\n{srv.log()}"

@@ -150,10 +150,13 @@ def small(pair):
 
 
 def test_health_is_503_while_loading(pair):
-    """Both servers were polled from their start: listening before the kernels were built, 503 meanwhile
-    (on /health and on every other route), then 200."""
+    """Both servers were polled from their start: whatever was seen before /health said 200 was 503 on
+    /health and on every other route. (Whether any is seen depends on the machine: the kernels build
+    beside the model and HTTP stack; test_loading_gate.py holds the window open to check it.)"""
     for srv in pair:
-        assert srv.loading_seen and set(srv.loading_seen) == {(503, 503)}, (srv.loading_seen, srv.log())
+        seen = srv.loading_seen
+        # The last poll may straddle readiness: /health 503, then /v1/models already 200.
+        assert set(seen[:-1]) <= {(503, 503)} and set(seen[-1:]) <= {(503, 503), (503, 200)}, (seen, srv.log())
 
 
 def test_burst_beyond_the_queue_gets_429_and_health_stays_up(small):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from tests.server.conftest import request, sse_events
 
-TIMINGS = {"prompt_n", "prompt_ms", "prompt_per_second", "predicted_n", "predicted_ms", "predicted_per_second",
-           "draft_n", "draft_n_accepted"}
+TIMINGS = {"prompt_n", "prompt_ms", "prompt_per_second", "predicted_n", "predicted_ms", "predicted_per_second"}
+DRAFT = {"draft_n", "draft_n_accepted"}  # llama.cpp adds them only when the request drafted (test_speculative.py)
 
 
 def test_completion_has_llamacpp_fields(server):
@@ -18,6 +18,7 @@ def test_completion_has_llamacpp_fields(server):
     assert len(r["tokens"]) == 6 and r["tokens_evaluated"] > 1
     t = r["timings"]
     assert TIMINGS <= set(t) and t["predicted_n"] == 6 and t["predicted_per_second"] > 0
+    assert not DRAFT & set(t)  # no drafter on this server
     assert t["prompt_n"] + t["cache_n"] == r["tokens_evaluated"]
     probs = r["completion_probabilities"]
     assert len(probs) == 6 and all(len(p["top_logprobs"]) == 2 for p in probs)
@@ -79,3 +80,20 @@ def test_metrics(server):
         assert name in values, name
     assert values["qatserve_generated_tokens_total"] >= 2 and values["qatserve_generation_tokens_per_second"] > 0
     assert values["qatserve_slots_total"] == 4
+
+
+
+def test_ignore_eos_is_a_boolean_that_bans_end_of_generation(server):
+    # The behaviour (a request that would end at <|im_end|> runs to its limit) is tested on SmolLM2 in
+    # tests/cli/test_cli.py; here: the server maps the field onto the sampler and validates it.
+    from qatserve.server.sampling import sampling_params
+    from qatserve.server.schemas import LlamaCompletionRequest
+
+    body = LlamaCompletionRequest.model_validate({"prompt": "Hi", "ignore_eos": True})
+    assert sampling_params(body, 8, eog_ids=frozenset({106, 1})).suppressed == (1, 106)
+    assert sampling_params(body.model_copy(update={"ignore_eos": False}), 8, eog_ids=frozenset({1})).suppressed == ()
+    status, _, r = request(server, "POST", "/completion", {"prompt": "Hi", "n_predict": 3, "ignore_eos": "yes"})
+    assert status == 400 and r["error"]["param"] == "ignore_eos", r
+    status, _, r = request(server, "POST", "/completion",
+                           {"prompt": "Hi", "n_predict": 5, "ignore_eos": True, "temperature": 0})
+    assert status == 200 and r["tokens_predicted"] == 5, r

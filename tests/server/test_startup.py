@@ -19,6 +19,11 @@ CASES = {
     "port out of range": (["--port", "70000"], 64, "--port"),
     "zero slots": (["-np", "0"], 64, "-np"),
     "bad host": (["--host", "no.such.host.invalid"], 1, "cannot resolve"),
+    "missing assistant": (["--assistant", "/nonexistent/assistant.gguf"], 64, "--assistant"),
+    "draft model not a gguf": (["-md", "{bad}"], 2, "bad magic"),
+    "bad --draft-max": (["--lookup", "--draft-max", "many"], 64, "--draft-max"),
+    "two drafters": (["--lookup", "-md", "{bad}"], 64, "choose one drafter"),
+    "slot save path not a directory": (["--slot-save-path", "/nonexistent/slots"], 64, "--slot-save-path"),
 }
 
 

@@ -158,3 +158,39 @@ def test_rotation_reduces_q4_0_score_error(seed):
     k_rot = K.dequantize_kv(K.quantize_kv(kr, "q4_0"), "q4_0", k.shape)
     e_rot = err(K.hadamard(q) @ k_rot.T)
     assert e_rot < 0.5 * e_plain, (e_plain, e_rot)
+
+
+@pytest.mark.parametrize("kind", sorted(QTYPES))
+def test_query_for_block_keys_is_q8_0(kind):
+    # llama.cpp's CPU flash attention converts Q to the K type's vec_dot_type before K.Q: q8_0 for both
+    # q8_0 and q4_0 keys. Each 32-value block of Q becomes d * n, d = fp16(amax / 127), integer n in
+    # [-127, 127]: gguf.quants' Q8_0 round trip, except on rounding ties (AVX2 rounds them to even).
+    x = _data(5, 2.0, shape=(6, 4, 256))
+    got = K.query_for_keys(x, kind)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    want = ref.dequantize(ref.quantize(x.numpy(), T.Q8_0), T.Q8_0).reshape(x.shape)
+    assert (got.numpy() != want).mean() < 1e-3
+    np.testing.assert_allclose(got.numpy(), want, atol=float(x.abs().max()) / 127)
+    assert not torch.equal(got, x)
+    # Row by row: a row's result does not depend on the rows rounded with it (batch invariance).
+    assert all(torch.equal(got[i : i + 1], K.query_for_keys(x[i : i + 1], kind)) for i in range(x.shape[0]))
+    tie = torch.zeros(1, 1, 32)
+    tie[..., 0], tie[..., 1] = 127.0, 2.5  # 2.5 * 127/127 is a tie: even (2), where gguf.quants gives 3
+    assert K.query_for_keys(tie, kind)[0, 0, 1] == 2.0
+    with pytest.raises(ValueError):
+        K.query_for_keys(torch.zeros(2, 48), kind)
+
+
+@pytest.mark.parametrize("kind", ["f32", "f16"])
+def test_query_for_float_keys_is_unchanged(kind):
+    # f32/f16 keys: llama.cpp's prefill path keeps Q in float32.
+    x = torch.randn(3, 4, 64)
+    assert K.query_for_keys(x, kind) is x
+
+
+def test_query_for_bf16_keys_is_bf16():
+    # bf16 keys: ggml converts Q to bf16 (round to nearest even) before the bf16 dot.
+    x = torch.randn(3, 4, 64)
+    got = K.query_for_keys(x, "bf16")
+    assert got.dtype == torch.float32 and torch.equal(got, x.to(torch.bfloat16).float())
+    assert not torch.equal(got, x)

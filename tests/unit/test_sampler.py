@@ -261,3 +261,27 @@ def test_tiny_temperature_is_finite():
 def test_bad_logits_shape():
     with pytest.raises(ValueError):
         Sampler(SamplingParams(), 10).sample(torch.zeros(11), [])
+
+
+def test_suppressed_tokens_are_never_drawn_greedy_or_sampled():
+    # ids 1 and 6 hold 55% of the mass; banned, greedy takes the next best (3) and sampling follows the
+    # renormalised rest exactly (llama.cpp's -inf logit bias behind `ignore_eos`).
+    greedy = Sampler(SamplingParams(temperature=0.0, suppressed=(6, 1)), 8)
+    assert greedy.params.suppressed == (1, 6)
+    assert greedy.sample(LOGITS, []).token == 3
+    kept = [0, 2, 3, 4, 5, 7]
+    counts = _counts(SamplingParams(seed=7, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                                    suppressed=frozenset({1, 6})), LOGITS, 20_000)
+    _check_set_and_freqs(counts, kept)
+    ids, probs = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, suppressed=(1, 6)),
+                         8).distribution(LOGITS, [])
+    assert float(probs[ids == 1].sum()) == 0.0 and float(probs[ids == 6].sum()) == 0.0
+
+
+def test_suppressed_ids_are_validated():
+    with pytest.raises(RequestError, match="suppressed"):
+        SamplingParams(suppressed=(-1,))
+    with pytest.raises(RequestError, match="n_vocab"):
+        Sampler(SamplingParams(suppressed=(8,)), 8)
+    with pytest.raises(RequestError, match="at least one token"):
+        Sampler(SamplingParams(suppressed=tuple(range(8))), 8)

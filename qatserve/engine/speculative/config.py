@@ -16,7 +16,7 @@ bytes relative to the target's (decode reads every weight once per token).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from qatserve.errors import RequestError
 
@@ -71,6 +71,20 @@ class SpeculativeConfig:
             raise RequestError(f"speculative type {self.type} does not take "
                                f"{'a draft model (-md)' if self.draft_model else 'an assistant (--assistant)'}")
 
+    def with_overrides(self, o: "SpeculativeOverrides | None") -> "SpeculativeConfig":
+        """This config with one request's own block settings (a fixed n_max replaces `auto`; an n_min the
+        request does not set is cut to its block, as llama.cpp clamps it). RequestError on bad values."""
+        if o is None:
+            return self
+        changes: dict = {}
+        if o.n_max is not None:
+            changes.update(n_max=o.n_max, auto=False, n_min=min(self.n_min, o.n_max))
+        if o.n_min is not None:
+            changes["n_min"] = o.n_min
+        if o.p_min is not None:
+            changes["p_min"] = o.p_min
+        return replace(self, **changes) if changes else self
+
     @property
     def enabled(self) -> bool:
         return self.type != NONE and (self.n_max > 0 or self.auto)
@@ -79,3 +93,14 @@ class SpeculativeConfig:
     def block_max(self) -> int:
         """The largest block a slot may draft."""
         return self.auto_max if self.auto else self.n_max
+
+
+@dataclass(frozen=True)
+class SpeculativeOverrides:
+    """One request's speculative settings, llama.cpp's request fields `speculative.n_max`, `speculative.n_min`
+    and `speculative.p_min`; None keeps the server's. They change how fast a request runs, never what it
+    generates (verification is lossless), so a server without a drafter accepts and ignores them."""
+
+    n_max: int | None = None
+    n_min: int | None = None
+    p_min: float | None = None

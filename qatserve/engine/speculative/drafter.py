@@ -36,6 +36,8 @@ class DraftState:
     seq: object | None = None  # draft model: its SeqKV
     done: list[int] = field(default_factory=list)  # draft model: tokens whose K/V its cache holds
     ngrams: object | None = None  # lookup: its n-gram index (ngram.NgramIndex)
+    n_min: int = 0  # drafts shorter than this are dropped (the request's speculative.n_min, else the server's)
+    p_min: float | None = None  # the request's speculative.p_min (None: the drafter's own, i.e. the server's)
 
 
 class Drafter:
@@ -79,6 +81,8 @@ def pick(logits: torch.Tensor, history: list[int], state: DraftState, p_min: flo
     """Draft token from draft logits [V]: the argmax of the penalised logits (greedy request), else a draw
     from the request's own sampling chain applied to the draft logits, whose distribution is q. None when
     the pick's probability among the top 10 (softmax over those only, as llama.cpp) is below p_min."""
+    if state.p_min is not None:
+        p_min = state.p_min
     ids, probs = state.sampler.distribution(logits, history)
     if state.sampler.params.greedy:
         token, q = int(ids[0]), None

@@ -93,9 +93,10 @@ class Speculator:
     # -- per step ------------------------------------------------------------------------------------
     def _state(self, r):
         if r.spec is None:
-            c = self.cfg
+            c = self.cfg.with_overrides(getattr(r, "spec_overrides", None))
             r.spec = new_state(r, BlockController(c.n_max, c.auto, c.auto_max, c.auto_off,
                                                   self.row_cost + self.draft_cost))
+            r.spec.n_min, r.spec.p_min = c.n_min, c.p_min
         return r.spec
 
     def propose(self, requests: list, budget: int, n_ctx_slot: int) -> dict[str, Draft]:
@@ -117,7 +118,7 @@ class Speculator:
         out = {}
         for r, k, d in zip(reqs, ks, self.drafter.propose(reqs, ks)):
             d.tokens, d.q = d.tokens[:k], None if d.q is None else d.q[:k]
-            if d.tokens and len(d.tokens) >= self.cfg.n_min:
+            if d.tokens and len(d.tokens) >= r.spec.n_min:
                 out[r.id] = d
         return out
 
@@ -144,3 +145,17 @@ class Speculator:
     def release(self, r) -> None:
         if r.spec is not None:
             self.drafter.release(r)
+
+    def slot_state(self, r) -> dict:
+        """A request's drafting as /slots shows it: the drafter, the block the slot asks for now, its
+        acceptance estimate, whether it drafts at all (off: slower than plain decoding), and its counts."""
+        c = self.cfg.with_overrides(getattr(r, "spec_overrides", None))
+        t = r.timings
+        d = {"type": c.type, "n_max": "auto" if c.auto else c.n_max, "n_min": c.n_min, "p_min": c.p_min,
+             "draft_n": t.draft_n, "draft_n_accepted": t.draft_n_accepted,
+             "acceptance_rate": t.draft_acceptance_rate, "mean_accepted_length": t.draft_mean_accepted_length}
+        st = r.spec
+        if st is not None:
+            block = st.controller.best_block()
+            d.update(block=block, drafting=block > 0, acceptance_estimate=st.controller.acceptance)
+        return d

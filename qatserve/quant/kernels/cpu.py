@@ -27,11 +27,17 @@ All repacking is vectorised numpy over whole matrices (no per-block Python loops
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 from gguf import GGMLQuantizationType as T
+
+# accuracy_level for MatMulNBits: 4 quantises activations to int8 per block (llama.cpp's CPU path does
+# the same with Q8_0/Q8_K activations); 0 keeps float activations (exact up to fp32 rounding, but its
+# 8-bit kernel dequantises B per call: ~40x slower at batch 1). See benchmarks/cpu_matmul.py.
+ACCURACY_LEVEL = 4
 
 # qtype -> bytes per block, values per block (GGUF layout)
 _BLOCK = {T.Q4_0: (18, 32), T.Q4_1: (20, 32), T.Q5_0: (22, 32), T.Q5_1: (24, 32), T.Q8_0: (34, 32),
@@ -55,9 +61,11 @@ class NBitsWeights:
     offsets: np.ndarray | None     # float32 [K // 32, N]: C^T, per-32-block additive term (None: no min)
 
 
-def _f16(b: np.ndarray) -> np.ndarray:
-    """uint8 [n, 2] column slice -> float32 [n, 1]."""
-    return np.ascontiguousarray(b).view(np.float16).astype(np.float32)
+def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The float16 at byte `at` of every block -> float32 [n, 1] (one strided pass when aligned)."""
+    if at % 2 == 0 and blocks.shape[1] % 2 == 0 and blocks.flags.c_contiguous:
+        return blocks.view(np.float16)[:, at // 2 : at // 2 + 1].astype(np.float32)
+    return np.ascontiguousarray(blocks[:, at : at + 2]).view(np.float16).astype(np.float32)
 
 
 def _nib32(qs: np.ndarray) -> np.ndarray:
@@ -84,21 +92,21 @@ def _unpack(blocks: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray, np.ndarr
     bits, block). n_sub counts MatMulNBits blocks; offsets are per 32 values, in value order."""
     n = blocks.shape[0]
     if qtype == T.Q8_0:
-        return blocks[:, 2:] ^ np.uint8(0x80), _f16(blocks[:, 0:2])[:, 0], None, 8, 32
+        return blocks[:, 2:] ^ np.uint8(0x80), _f16(blocks, 0)[:, 0], None, 8, 32
     if qtype == T.Q4_0:
-        return _nib32(blocks[:, 2:]), _f16(blocks[:, 0:2])[:, 0], None, 4, 32
+        return _nib32(blocks[:, 2:]), _f16(blocks, 0)[:, 0], None, 4, 32
     if qtype == T.Q4_1:
-        d, m = _f16(blocks[:, 0:2])[:, 0], _f16(blocks[:, 2:4])[:, 0]
+        d, m = _f16(blocks, 0)[:, 0], _f16(blocks, 2)[:, 0]
         return _nib32(blocks[:, 4:]), d, m + np.float32(8) * d, 4, 32
     if qtype == T.Q5_0:
         q = _nib32(blocks[:, 6:]) | (_bits32(blocks[:, 2:6]) << 4)
-        return q + np.uint8(112), _f16(blocks[:, 0:2])[:, 0], None, 8, 32
+        return q + np.uint8(112), _f16(blocks, 0)[:, 0], None, 8, 32
     if qtype == T.Q5_1:
-        d, m = _f16(blocks[:, 0:2])[:, 0], _f16(blocks[:, 2:4])[:, 0]
+        d, m = _f16(blocks, 0)[:, 0], _f16(blocks, 2)[:, 0]
         q = _nib32(blocks[:, 8:]) | (_bits32(blocks[:, 4:8]) << 4)
         return q + np.uint8(112), d, m + np.float32(16) * d, 8, 32
     if qtype in (T.Q4_K, T.Q5_K):
-        d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
+        d, dmin = _f16(blocks, 0), _f16(blocks, 2)
         sc, mn = _k_scales(blocks[:, 4:16])
         s = d * sc.astype(np.float32)                     # [n, 8]: per-32 scale d*sc (one rounding, as ggml)
         mm = dmin * mn.astype(np.float32)                 # [n, 8]: per-32 min dmin*m
@@ -113,7 +121,7 @@ def _unpack(blocks: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray, np.ndarr
         ql = blocks[:, 0:128].reshape(n, 2, 2, 32)       # [half, l-group(0: ql[l], 1: ql[l+32]), l]
         qh = blocks[:, 128:192].reshape(n, 2, 1, 32)
         sc = blocks[:, 192:208].view(np.int8).astype(np.float32)
-        d = _f16(blocks[:, 208:210])
+        d = _f16(blocks, 208)
         lo = np.stack([ql & 0x0F, ql >> 4], axis=2)       # [n, half, nib, grp, l]: value 32*(2*nib+grp)+l
         shift = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 2, 2, 1)
         hi = (qh[:, :, None] >> shift) & 3                # qh bit pair 2*(2*nib+grp)
@@ -210,3 +218,60 @@ def concat(ws: list[NBitsWeights]) -> NBitsWeights:
                                for w in ws], axis=1)
     return NBitsWeights(w0.bits, w0.block, w0.K, sum(w.N for w in ws),
                         np.concatenate([w.packed for w in ws]), np.concatenate([w.scales for w in ws]), offs)
+
+
+# Sessions started before the model that will use them exists: the server starts the output head's (about
+# half of the default model's kernel work) on a worker thread while torch is being imported. Keyed by the
+# weight's memory (the mapped GGUF bytes) and everything the session depends on, so a layer over the same
+# bytes with the same settings takes it and anything else builds its own.
+_early: dict[tuple, tuple[threading.Thread, list]] = {}
+_early_lock = threading.Lock()
+
+
+def _early_key(raw: np.ndarray, qtype, in_features: int, out_features: int, accuracy_level: int,
+               threads: int) -> tuple:
+    return (raw.__array_interface__["data"][0], raw.nbytes, int(qtype), int(in_features), int(out_features),
+            int(accuracy_level), int(threads))
+
+
+def build_early(raw: np.ndarray, qtype, in_features: int, out_features: int, *, threads: int,
+                accuracy_level: int = ACCURACY_LEVEL) -> None:
+    """Start repacking `raw` and building its session on a worker thread; `take_early` collects it.
+    The thread is not a daemon: the interpreter never exits under a running onnxruntime build."""
+    key = _early_key(raw, qtype, in_features, out_features, accuracy_level, threads)
+    box: list = []
+
+    def build() -> None:
+        try:
+            box.append(make_session(repack(raw, qtype, in_features, out_features), accuracy_level, threads))
+        except BaseException as e:  # the layer builds its own instead, and that reports the error
+            box.append(e)
+
+    worker = threading.Thread(target=build, name="qatserve-early-kernel")
+    with _early_lock:
+        if key in _early:
+            return
+        _early[key] = (worker, box)
+    worker.start()
+
+
+def take_early(raw: np.ndarray, qtype, in_features: int, out_features: int, accuracy_level: int,
+               threads: int) -> ort.InferenceSession | None:
+    """The session `build_early` started for exactly this weight and these settings (waiting for it to
+    finish), or None."""
+    with _early_lock:
+        item = _early.pop(_early_key(raw, qtype, in_features, out_features, accuracy_level, threads), None)
+    if item is None:
+        return None
+    worker, box = item
+    worker.join()
+    return box[0] if isinstance(box[0], ort.InferenceSession) else None
+
+
+def drop_early() -> None:
+    """Forget early sessions no layer took (waiting for their builds), releasing their memory."""
+    with _early_lock:
+        items = list(_early.values())
+        _early.clear()
+    for worker, _ in items:
+        worker.join()

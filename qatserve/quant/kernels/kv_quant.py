@@ -11,6 +11,14 @@ and V are multiplied by a normalised Walsh-Hadamard matrix H (groups of 64 along
 K/V store; attention runs on rotated vectors and its output is multiplied by H again. H is symmetric and
 orthonormal (H @ H = I), so Q.K and the output are unchanged in exact arithmetic, while outlier channels are
 spread over the group and quantise with a much smaller block scale.
+
+Queries (query_for_keys): llama.cpp's CPU flash attention does not dot Q in float32 with a quantised or
+bf16 K: it first converts each Q row to the K type's `vec_dot_type` (ggml-cpu type_traits: q8_0 blocks for
+q8_0 and q4_0 keys, bf16 for bf16 keys) and takes the integer/bf16 dot. That rounding of Q is part of what a
+K type costs in llama.cpp, and its perplexity/KLD figures include it: on the default model (README, audit
+table) qatserve's mean KLD went from 0.00055 to 0.00069 for rotated q8_0 K/V (llama-perplexity: 0.00075) and
+from 0.000035 to 0.000050 for bf16 (0.000051). The engine rounds Q the same way so the figures compare 1:1
+(and an int8 K.Q kernel would compute exactly what the float path does).
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ import math
 import torch
 
 from .. import legacy_blocks as L
+from . import gpu_fusions
+from .ggml_numerics import quantize_q8_0 as _avx2_q8_0
 
 __all__ = [
     "KV_TYPES",
@@ -33,6 +43,8 @@ __all__ = [
     "hadamard_matrix",
     "rotation_applies",
     "k_rotation_group",
+    "QUERY_DOT_TYPES",
+    "query_for_keys",
 ]
 
 KV_TYPES = frozenset({"f32", "f16", "bf16", "q8_0", "q4_0"})
@@ -158,8 +170,26 @@ def hadamard(x: torch.Tensor, group: int = ROTATION_GROUP) -> torch.Tensor:
 
             mm = _H_DENSE[group] = DenseMatmul(hadamard_matrix(group))
         return mm(x.reshape(-1, group)).reshape(x.shape).to(x.dtype)
-    h = hadamard_matrix(group, x.device)
-    y = torch.matmul(x.reshape(-1, group).to(torch.float32), h)
+    fused = gpu_fusions.hadamard(x, group)
+    if fused is not None:  # CUDA: the same stages in one Triton launch (triton_kv_store.py), same bits
+        return fused.hadamard(x, group)
+    return _butterfly(x, group)
+
+
+def _butterfly(x: torch.Tensor, group: int) -> torch.Tensor:
+    """The same transform as log2(group) elementwise add/sub stages (GPU). A matmul's rounding on a GPU
+    can change with the number of rows (the library picks kernels by shape), and a token's rotated K must
+    not depend on its batch; elementwise stages compute every row alike. Stage s pairs the entries whose
+    indices differ in bit s: (a, b) -> (a + b, a - b), the Sylvester recursion of hadamard_matrix."""
+    y = x.reshape(-1, group).to(torch.float32)
+    h = 1
+    while h < group:
+        v = y.view(-1, group // (2 * h), 2, h)
+        a, b = v[:, :, 0], v[:, :, 1]
+        y = torch.stack((a + b, a - b), dim=2).view(-1, group)
+        h *= 2
+    # One final scaling by 1/sqrt(group), rounded once (exactly 1/8 or 1/16 for llama.cpp's sizes).
+    y = y * (1.0 / math.sqrt(group))
     return y.reshape(x.shape).to(x.dtype)
 
 
@@ -174,3 +204,38 @@ def k_rotation_group(head_dim: int) -> int:
     while head_dim % (2 * n) == 0:
         n *= 2
     return n
+
+
+# K storage type -> the type ggml-cpu's flash attention converts Q to before the K.Q dot (type_traits_cpu
+# [K].vec_dot_type) on every path: block types take Q as q8_0 blocks, bf16 as bf16. f32/f16 keys are absent
+# on purpose: llama.cpp's prefill path (ggml_compute_forward_flash_attn_ext_tiled, >= GGML_FA_TILE_Q query
+# rows, what llama-perplexity runs) keeps Q in float32 for them, as the engine does; only its one-row decode
+# path rounds Q to f16 (and accumulates V in f16), which the default numerics do not copy
+# (models/common.py GGML numerics emulate that path).
+QUERY_DOT_TYPES = {"q8_0": "q8_0", "q4_0": "q8_0", "bf16": "bf16"}
+
+
+def query_for_keys(q: torch.Tensor, kind: str) -> torch.Tensor:
+    """Q as llama.cpp's CPU flash attention dots it with keys stored as `kind` (QUERY_DOT_TYPES).
+
+    q: float tensor [..., D] (rotated already when K is; D a multiple of 32 for block K types).
+    Returns, for q8_0/q4_0 keys, float32 [..., D] = the dequantised q8_0 blocks of q, rounded as x86
+    AVX2's quantize_row_q8_0 does (what ggml converts Q with; multiplier 127/amax, ties to even, fp16
+    block scale); for bf16 keys, q rounded to bf16 (round to nearest even) as float32; otherwise q itself.
+    Row-wise (32 values at a time), so a row's result does not depend on the other rows (batch invariance).
+
+    Why the stored d * q and not an integer dot: d * q is exact in float32, so Q.K over the dequantised
+    blocks equals ggml's sum of d_q * d_k * (integer block dot) up to float32 accumulation order.
+    """
+    vt = QUERY_DOT_TYPES.get(_kind(kind))
+    if vt is None:
+        return q
+    if vt == "bf16":
+        return q.to(torch.bfloat16).to(torch.float32)
+    d = q.shape[-1]
+    if d % L.QK:
+        raise ValueError(f"Q rows for {kind} keys need a multiple of {L.QK} values, got shape {tuple(q.shape)}")
+    if q.numel() == 0:
+        return q.to(torch.float32)
+    qs, scale = _avx2_q8_0(q.to(torch.float32))
+    return (qs * scale).flatten(-2)

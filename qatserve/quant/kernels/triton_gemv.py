@@ -3,9 +3,12 @@
 Two kernels share one tile decoder, `_tile`: a [BLOCK_N, BLOCK_K] tile of W becomes float32 codes
 [BLOCK_N, NB, SB] (NB = BLOCK_K / SB sub-blocks of SB values) and per-sub-block scales a, offsets b.
 
-* `_gemv_kernel` (decode, one row of x per program, CUDA cores): per sub-block it sums q_j * x_j in
-  float32 and scales that partial once, so weights are never rounded: the error is float32
-  summation only (~5e-7 relative). Its FMAs grow with M, so it is the M = 1 kernel.
+* `_gemv_kernel` (decode, CUDA cores): per sub-block it sums q_j * x_j in float32 and scales that
+  partial once, so weights are never rounded: the error is float32 summation only (~5e-7 relative).
+  A program holds ROWS = 1..MAX_ROWS rows of x (the multi-row decode plan, gpu_fusions `multirow`):
+  each weight tile is decoded once and every row runs the one-row arithmetic on its own accumulator
+  of the same shape, so a row's bits do not depend on ROWS (tests/unit/test_gpu_fusions.py checks
+  M = 1 against 2..8 bitwise). Its FMAs grow with the rows, so it is the decode kernel, not prefill.
 * `_qdot_kernel` (batched decode, M = 2..16, and prefill): dequantises the tile to the dot dtype and
   calls tl.dot with float32 accumulation (wgmma on Hopper). W is operand A ("swap AB"): 64-128 weight
   rows fill the tensor-core M side and the few token rows are the N side, padded to 16. Dot dtype:
@@ -39,7 +42,10 @@ How the kernels aim at it:
 * In flight: ~2-3 MB (latency ~1 us x 3 TB/s), ~20 KB per SM: the default gemv tile gives each
   thread 4 16-byte loads per step and fits ~7 programs of 128 threads per SM (72 registers).
   Matrices with few row tiles (q, k, v, o, down) split K
-  over SPLIT_K programs (float32 partials in a workspace, reduced by one torch sum) to fill 132 SMs.
+  over SPLIT_K programs (float32 partials in a workspace) to fill 132 SMs. The partials are summed by
+  one torch sum, or (`counters` given: gpu_fusions `splitk`) by the last program of each tile to
+  arrive (an int32 counter per tile, atomically incremented, reset by that program), in split order:
+  one launch per matrix instead of two, the same order for every row and every arrival order.
 * ALU: 3 TB/s is 5.3e12 Q4_0 weights/s, ~20 weights per clock per SM at 1.98 GHz, so a weight may
   cost at most ~6 thread instructions (4 schedulers x 32 lanes / 20). Codes become floats without
   I2F (quarter rate): a shift and one LOP3 place u in the mantissa of 2^CB (`_val`); the base and the
@@ -48,6 +54,16 @@ How the kernels aim at it:
   as on the H100 image): the Q4_0 gemv loop costs 4.0 instructions per weight (BLOCK_N 64, BLOCK_K
   256, 4 warps, 72 registers, no spills), the dot kernel 6.3 (64 x 128 tile, wgmma), Q5_*/Q6_K
   ~7-8 in gemv (merging the high bits). benchmarks/gpu/gemv_notes.md has the history.
+
+Multi-row decode (2-slot aggregate). The per-row gemv read every weight once per generated row, so 2
+slots cost 2x the bytes (0.64x llama.cpp's 2-slot aggregate on the H100). With ROWS rows per program
+the weights stream once per ROWS rows: Gemma 3 27B, 2 rows: 14.4 GB per step instead of 28.8 GB (F16
+head, triton_dense ROWS = 2: 2.8 GB instead of 5.6 GB); launches unchanged. The ALU cost per weight
+grows with the rows (Q4_0, float32 x, sm_90a, Triton 3.6: 3.8 instructions per weight at 1 row, 2.5 per
+weight-row at 2, 2.0 at 4, i.e. ~5 and ~8 per weight against the ~6 that 3 TB/s allows), and registers
+go from 80 to ~255 (2 programs per SM instead of 6, fewer bytes in flight): 2 rows should stay near the
+copy rate, 4 rows trade some of it for 4x fewer bytes; not yet timed (fusions_bench.py). MAX_ROWS is 4:
+8 accumulators spill.
 
 Pointer args that a format does not use get any valid tensor (never dereferenced: the constexpr
 branches remove those loads at compile time).
@@ -168,34 +184,119 @@ def _tile(lo_ptr, hi_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, row0, N, kt,
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, y_ptr, lo_ptr, hi_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr,
-                 M, N, s_xm, s_lo, s_hi, s_sc, s_d, tiles_per_split, exp,
-                 SB: tl.constexpr, CB: tl.constexpr, OFF: tl.constexpr, HI_BITS: tl.constexpr,
-                 KQUANT: tl.constexpr, HAS_MIN: tl.constexpr, IS_Q8: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[pid_k, m, rows] = this K split of x[m] @ W[rows]^T on CUDA cores; one row m = pid_0 per program."""
-    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    NB: tl.constexpr = BLOCK_K // SB
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    acc = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
-    for t in range(0, tiles_per_split):
-        kt = pid_k * tiles_per_split + t
-        q, a, b = _tile(lo_ptr, hi_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, pid_n * BLOCK_N, N, kt, s_lo, s_hi, s_sc,
-                        s_d, exp, SB, CB, HI_BITS, KQUANT, HAS_MIN, IS_Q8, BLOCK_N, BLOCK_K)
-        kb = kt * NB + tl.arange(0, NB)
-        x = tl.load(x_ptr + pid_m * s_xm + kb[:, None] * SB + tl.arange(0, SB)[None, :]).to(tl.float32)
-        xs = tl.sum(x, axis=1)  # [NB], shared by all rows
-        # Per sub-block: sum_j (2^CB + u_j) x_j - (2^CB + off) sum_j x_j = sum_j (u_j - off) x_j. A small
-        # base (2^CB, not 2^23) keeps the cancellation to ~CB of float32's 24 bits.
-        part = tl.sum(q * x[None, :, :], axis=2) - ((1 << CB) + OFF) * xs[None, :]
-        acc += a * part
-        if HAS_MIN:
-            acc += b * xs[None, :]
+def _row_x(x_ptr, m, M, s_xm, kt, SB: tl.constexpr, NB: tl.constexpr, MASKED: tl.constexpr):
+    """Row m's K tile kt as float32 [NB, SB] and its sub-block sums [NB]."""
+    kb = kt * NB + tl.arange(0, NB)
+    xp = x_ptr + m * s_xm + kb[:, None] * SB + tl.arange(0, SB)[None, :]
+    if MASKED:  # the last group of rows may run past M: those rows read zeros and store nothing
+        # (full-shape masks: Triton's interpreter rejects a broadcast 0-d one)
+        x = tl.load(xp, mask=(tl.zeros((NB, SB), dtype=tl.int32) + m) < M, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(xp).to(tl.float32)
+    return x, tl.sum(x, axis=1)  # the sums are shared by all weight rows
+
+
+@triton.jit
+def _row_fma(acc, q, a, b, x, xs, CB: tl.constexpr, OFF: tl.constexpr, HAS_MIN: tl.constexpr):
+    """acc [BLOCK_N, NB] += one row's share of a K tile against the decoded tile (q, a, b): the one-row
+    arithmetic, whatever the number of rows the program holds."""
+    # Per sub-block: sum_j (2^CB + u_j) x_j - (2^CB + off) sum_j x_j = sum_j (u_j - off) x_j. A small
+    # base (2^CB, not 2^23) keeps the cancellation to ~CB of float32's 24 bits.
+    part = tl.sum(q * x[None, :, :], axis=2) - ((1 << CB) + OFF) * xs[None, :]
+    acc += a * part
+    if HAS_MIN:
+        acc += b * xs[None, :]
+    return acc
+
+
+@triton.jit
+def _row_out(acc, out_ptr, m, M, N, pid_k, rows, rmask, MASKED: tl.constexpr):
+    """Row m's sum over its accumulator into out [n_split, M, N] at this program's K split."""
     y = tl.sum(acc, axis=1)
     # int64: M * N exceeds 2^31 for a long prefill through the 262144-row output head.
-    y_off = (pid_k.to(tl.int64) * M + pid_m) * N + rows
-    tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=rmask)
+    off = (pid_k.to(tl.int64) * M + m) * N + rows
+    mask = rmask & ((rows * 0 + m) < M) if MASKED else rmask
+    tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _row_reduce(ws_ptr, y_ptr, m, M, N, n_split, rows, rmask, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """y[m, rows] = sum of the n_split partials of row m, in split order (the row's order alone)."""
+    mask = rmask & ((rows * 0 + m) < M) if MASKED else rmask
+    tot = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k in range(0, n_split):
+        # .cg: from L2, where the other programs' stores landed (never a stale L1 line)
+        tot += tl.load(ws_ptr + (k * M + m).to(tl.int64) * N + rows, mask=mask, other=0.0, cache_modifier=".cg")
+    tl.store(y_ptr + m.to(tl.int64) * N + rows, tot.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, y_ptr, lo_ptr, hi_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, ws_ptr, cnt_ptr,
+                 M, N, s_xm, s_lo, s_hi, s_sc, s_d, tiles_per_split, n_split, exp,
+                 SB: tl.constexpr, CB: tl.constexpr, OFF: tl.constexpr, HI_BITS: tl.constexpr,
+                 KQUANT: tl.constexpr, HAS_MIN: tl.constexpr, IS_Q8: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr = 1,
+                 MASKED: tl.constexpr = False, REDUCE: tl.constexpr = False):
+    """This K split of x[m] @ W[rows]^T on CUDA cores for the ROWS (1..4) rows m = pid_0 * ROWS + r.
+
+    Each weight tile is decoded once for all ROWS rows (the multi-row decode plan reads the weights once
+    per step, not once per row); every row runs the one-row arithmetic on its own accumulator of the
+    same shape (_row_fma), so its bits do not depend on ROWS or on the other rows.
+    Output: without REDUCE, y [n_split, M, N] (the partials, or y itself when n_split is 1); with REDUCE
+    (n_split > 1), the partials go to ws [n_split, M, N] and the last program of each (row group, tile)
+    to arrive (a counter in cnt, reset by it) sums them in split order into y [M, N]: the one-launch
+    split-K of gpu_fusions' `splitk`."""
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NB: tl.constexpr = BLOCK_K // SB
+    m0 = pid_m * ROWS
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    a0 = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
+    a1 = a0
+    a2 = a0
+    a3 = a0
+    for t in range(0, tiles_per_split):
+        kt = pid_k * tiles_per_split + t
+        if ROWS == 1:
+            q, a, b = _tile(lo_ptr, hi_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, pid_n * BLOCK_N, N, kt, s_lo, s_hi, s_sc,
+                            s_d, exp, SB, CB, HI_BITS, KQUANT, HAS_MIN, IS_Q8, BLOCK_N, BLOCK_K)
+            x0, s0 = _row_x(x_ptr, m0, M, s_xm, kt, SB, NB, MASKED)
+            a0 = _row_fma(a0, q, a, b, x0, s0, CB, OFF, HAS_MIN)
+        else:
+            # The rows' x tiles first: their layout conversions (shared memory + barriers) then all come
+            # before the tile is decoded, so no barrier sits between the rows' uses of the decoded codes.
+            x0, s0 = _row_x(x_ptr, m0, M, s_xm, kt, SB, NB, MASKED)
+            x1, s1 = _row_x(x_ptr, m0 + 1, M, s_xm, kt, SB, NB, MASKED)
+            if ROWS > 2:
+                x2, s2 = _row_x(x_ptr, m0 + 2, M, s_xm, kt, SB, NB, MASKED)
+            if ROWS > 3:
+                x3, s3 = _row_x(x_ptr, m0 + 3, M, s_xm, kt, SB, NB, MASKED)
+            q, a, b = _tile(lo_ptr, hi_ptr, sc_ptr, mn_ptr, d_ptr, dm_ptr, pid_n * BLOCK_N, N, kt, s_lo, s_hi, s_sc,
+                            s_d, exp, SB, CB, HI_BITS, KQUANT, HAS_MIN, IS_Q8, BLOCK_N, BLOCK_K)
+            a0 = _row_fma(a0, q, a, b, x0, s0, CB, OFF, HAS_MIN)
+            a1 = _row_fma(a1, q, a, b, x1, s1, CB, OFF, HAS_MIN)
+            if ROWS > 2:
+                a2 = _row_fma(a2, q, a, b, x2, s2, CB, OFF, HAS_MIN)
+            if ROWS > 3:
+                a3 = _row_fma(a3, q, a, b, x3, s3, CB, OFF, HAS_MIN)
+    out = ws_ptr if REDUCE else y_ptr
+    _row_out(a0, out, m0, M, N, pid_k, rows, rmask, MASKED)
+    if ROWS > 1:
+        _row_out(a1, out, m0 + 1, M, N, pid_k, rows, rmask, MASKED)
+    if ROWS > 2:
+        _row_out(a2, out, m0 + 2, M, N, pid_k, rows, rmask, MASKED)
+    if ROWS > 3:
+        _row_out(a3, out, m0 + 3, M, N, pid_k, rows, rmask, MASKED)
+    if REDUCE:
+        # Every thread's partial stores are issued before thread 0's release (the barrier orders them, as
+        # CUTLASS's semaphore does); the acquire side is the same atomic in the last program.
+        tl.debug_barrier()
+        cnt = cnt_ptr + pid_m * tl.num_programs(1) + pid_n
+        arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_split - 1:
+            for r in tl.static_range(ROWS):
+                _row_reduce(ws_ptr, y_ptr, m0 + r, M, N, n_split, rows, rmask, BLOCK_N, MASKED)
+            tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")  # ready for the next launch (graph replays)
 
 
 @triton.jit
@@ -258,44 +359,71 @@ def plan_k(K: int, block_k: int, split_k: int) -> tuple[int, int]:
     return block_k, split
 
 
+MAX_ROWS = 4  # rows one gemv program holds (one accumulator each)
+
+
+def max_rows(fmt) -> int:
+    """Rows per gemv program for a format (any value gives the same bits; this is speed only). sm_90a
+    builds with float32 x (benchmarks/gpu/fusions_sass.py, gemv_sass.py --rows --x fp32), Triton 3.6 as on
+    the H100 image: 1 row 80-167 registers; 2-3 rows ~255 without spills (2 programs per SM); 4 rows spill
+    32-64 B for Q4_0/Q4_1 and fit for the others; 8 rows spill kilobytes. To be settled by
+    fusions_bench.py's multirow rows on the H100."""
+    return MAX_ROWS
+
+
+def counters_needed(M: int, N: int, block_n: int, rows: int) -> int:
+    """int32 counters the in-kernel split-K reduction of an M-row launch uses (zeroed once, reset by it)."""
+    return -(-M // rows) * -(-N // block_n)
+
+
 def launch(w: PackedWeights, x: torch.Tensor, *, kernel: str, block_n: int, block_k: int, block_m: int = 16,
            split_k: int = 1, num_warps: int = 4, num_stages: int = 1,
-           out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """y [M, N] = x [M, K] @ W^T with one of the kernels: "gemv" (one program per row of x and tile of
-    block_n weight rows) or "dot" (block_m rows of x per program; block_m, block_n >= 16).
+           out_dtype: torch.dtype | None = None, rows: int = 1,
+           counters: torch.Tensor | None = None) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ W^T with one of the kernels: "gemv" (`rows` rows of x per program and tile
+    of block_n weight rows; each row's bits are those of rows = 1) or "dot" (block_m rows of x per
+    program; block_m, block_n >= 16).
 
     x: fp32 / fp16 / bf16 [M, K] on W's device. block_*: powers of two; block_k is lowered to the largest
     power of two that divides K and holds whole sub-blocks. split_k > 1 splits K across programs and
-    sums the slices in a float32 workspace. out_dtype defaults to x's dtype."""
+    sums the slices in a float32 workspace: in the gemv kernel itself when `counters` (int32 zeros on the
+    device, at least counters_needed(...); the kernel leaves them zero) is given, else by a torch sum.
+    out_dtype defaults to x's dtype."""
     f = w.fmt
     M, K = x.shape
     if K != w.K:
         raise ValueError(f"x has {K} columns, the matrix {w.K}")
     if kernel == "dot" and min(block_m, block_n) < 16:
         raise ValueError("the dot kernel needs block_m and block_n >= 16 (tensor-core tile)")
+    if not 1 <= rows <= MAX_ROWS or (rows > 1 and kernel != "gemv"):
+        raise ValueError(f"rows per program must be 1..{MAX_ROWS} (gemv only), got {rows}")
     if x.stride(1) != 1:
         x = x.contiguous()
     out_dtype = out_dtype or x.dtype
     block_k, split = plan_k(K, block_k, split_k)
     k_tiles = K // block_k
-    y = torch.empty((split, M, w.N) if split > 1 else (M, w.N), device=x.device,
-                    dtype=torch.float32 if split > 1 else out_dtype)
+    reduce = (kernel == "gemv" and split > 1 and counters is not None
+              and counters.numel() >= counters_needed(M, w.N, block_n, rows))
+    y = torch.empty((split, M, w.N) if split > 1 and not reduce else (M, w.N), device=x.device,
+                    dtype=torch.float32 if split > 1 and not reduce else out_dtype)
+    ws = torch.empty((split, M, w.N), device=x.device, dtype=torch.float32) if reduce else y
     is_q8 = f.qtype == Q8_0
     lo = w.q8.view(torch.int32) if is_q8 else w.lo
     any_t = w.scale  # stands in for the planes a format lacks; never read
-    args = (x, y, lo, w.hi if w.hi is not None else any_t, w.scale,
-            w.minv if w.minv is not None else any_t, w.d if w.d is not None else any_t,
-            w.dmin if w.dmin is not None else any_t,
-            M, w.N, x.stride(0), lo.stride(0), w.hi.stride(0) if w.hi is not None else 1, w.scale.stride(0),
-            w.d.stride(0) if w.d is not None else 1, k_tiles // split, _exp_bits(f))
+    planes = (lo, w.hi if w.hi is not None else any_t, w.scale, w.minv if w.minv is not None else any_t,
+              w.d if w.d is not None else any_t, w.dmin if w.dmin is not None else any_t)
+    dims = (M, w.N, x.stride(0), lo.stride(0), w.hi.stride(0) if w.hi is not None else 1, w.scale.stride(0),
+            w.d.stride(0) if w.d is not None else 1, k_tiles // split)
     meta = dict(SB=f.sb, CB=8 if is_q8 else 4 + f.hi_bits, OFF=128 if is_q8 else f.off, HI_BITS=f.hi_bits,
                 KQUANT=f.kquant, HAS_MIN=f.has_min, IS_Q8=is_q8, BLOCK_N=block_n, BLOCK_K=block_k,
                 num_warps=num_warps, num_stages=num_stages)
     if kernel == "gemv":
-        _gemv_kernel[(M, triton.cdiv(w.N, block_n), split)](*args, **meta)
+        _gemv_kernel[(triton.cdiv(M, rows), triton.cdiv(w.N, block_n), split)](
+            x, y, *planes, ws, counters if reduce else any_t, *dims, split, _exp_bits(f),
+            ROWS=rows, MASKED=M % rows != 0, REDUCE=reduce, **meta)
     elif kernel == "dot":
         _qdot_kernel[(triton.cdiv(M, block_m), triton.cdiv(w.N, block_n), split)](
-            *args, BLOCK_M=block_m, DOT_DTYPE=_DOT_DTYPE[x.dtype], **meta)
+            x, y, *planes, *dims, _exp_bits(f), BLOCK_M=block_m, DOT_DTYPE=_DOT_DTYPE[x.dtype], **meta)
     else:
         raise ValueError(f"unknown kernel {kernel!r}")
-    return y.sum(0, dtype=torch.float32).to(out_dtype) if split > 1 else y
+    return y.sum(0, dtype=torch.float32).to(out_dtype) if split > 1 and not reduce else y

@@ -45,6 +45,7 @@ class Config:
     num_warps: int = 4
     num_stages: int = 1
     split_k: int | None = None
+    rows: int = 1  # gemv: rows of x per program (the multi-row decode plan; each row's bits as alone)
 
 
 DEFAULT_CONFIGS = {
@@ -128,8 +129,9 @@ class TritonQuantMatmul:
         return replace(cfg, split_k=split)
 
     def __call__(self, x: torch.Tensor, out_dtype: torch.dtype | None = None,
-                 config: Config | None = None) -> torch.Tensor:
-        """x [..., in_features] (fp32 / fp16 / bf16, on the weights' device) -> y [..., out_features]."""
+                 config: Config | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., in_features] (fp32 / fp16 / bf16, on the weights' device) -> y [..., out_features].
+        counters: int32 zeros for the gemv kernel's in-kernel split-K sum (triton_gemv.launch)."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         if x2.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -141,5 +143,6 @@ class TritonQuantMatmul:
         cfg = config or self.config_for(m)
         y = triton_gemv.launch(self.weights, x2, kernel=cfg.kernel, block_n=cfg.block_n, block_k=cfg.block_k,
                                block_m=cfg.block_m, split_k=cfg.split_k or 1, num_warps=cfg.num_warps,
-                               num_stages=cfg.num_stages, out_dtype=out_dtype)
+                               num_stages=cfg.num_stages, out_dtype=out_dtype, rows=cfg.rows,
+                               counters=counters)
         return y.view(*lead, self.out_features)

@@ -1,0 +1,103 @@
+"""The fused GPU kernels (quant/kernels/gpu_fusions.py) as a model reaches them: the tiny Gemma 3 of
+conftest.py with the GPU backend, prompt logits with each fusion on against all of them off.
+
+The bit-identical fusions (K/V store, Hadamard, RoPE, multi-row gemv, in-kernel split-K) must leave every
+logit's bits unchanged; RMSNorm and GeGLU only their rounding. Spies count the fused calls, so a fusion
+that silently stopped applying fails here. Without CUDA the kernels run on CPU tensors under Triton's
+interpreter (dispatch forced onto the CPU for the test); on a CUDA machine on the GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from qatserve.quant.kernels import gpu_fusions  # noqa: E402
+from qatserve.quant.kernels import triton_dense, triton_fused, triton_gemv, triton_kv_store  # noqa: E402
+from qatserve.quant.kernels import triton_qmatmul as Q  # noqa: E402
+from tests.engine.conftest import random_prompts  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    for _m, _kernel in ((triton_gemv, "_gemv_kernel"), (triton_dense, "_dense_gemv_kernel"),
+                        (triton_kv_store, "_kv_store_kernel"), (triton_fused, "_rms_norm_kernel")):
+        if type(getattr(_m, _kernel)).__name__ != "InterpretedFunction":
+            importlib.reload(_m)  # imported earlier in this session without the interpreter
+DEVICE = "cpu" if Q.interpreting() else "cuda"
+EXACT = "kv_store,hadamard,rope,splitk,multirow"
+
+
+@pytest.fixture(scope="module")
+def gpu_model(tiny_gemma3):
+    from qatserve.engine.device import to_device
+    from qatserve.engine.loader import load_model_file
+
+    loaded = load_model_file(tiny_gemma3.path, device="cpu")  # a second copy: to_device changes it in place
+    to_device(loaded.model, DEVICE)
+    yield loaded.model
+    loaded.gguf.close()
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts of the fused kernels' entry points; off CUDA, dispatch onto CPU tensors (interpreter)."""
+    if DEVICE == "cpu":
+        monkeypatch.setattr(gpu_fusions, "_gpu_ready", lambda t: True)
+    counts: dict[str, int] = {}
+    for mod, name in ((triton_kv_store, "store"), (triton_kv_store, "hadamard"), (triton_fused, "rms_norm"),
+                      (triton_fused, "rope"), (triton_fused, "geglu")):
+        real = getattr(mod, name)
+
+        def spy(*a, _real=real, _name=name, **kw):
+            counts[_name] = counts.get(_name, 0) + 1
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(mod, name, spy)
+    return counts
+
+
+def _logits(model, tokens, kv: str) -> torch.Tensor:
+    from qatserve.engine.generate import score_tokens
+    from qatserve.engine.kv_cache import KVCacheOptions
+    from qatserve.quant.kernels.gpu_matmul import row_kind
+
+    # The prompt plan: the interpreter runs it ~5x faster than the gemv (whose multi-row and split-K
+    # forms tests/unit/test_gpu_fusions.py checks bitwise).
+    with row_kind("prompt"):
+        return score_tokens(model, tokens, KVCacheOptions(kv, kv))
+
+
+def test_fusions_in_a_model_forward(gpu_model, calls):
+    """q8_0 K/V (rotation on: head dim 64): the bit-identical fusions keep every logit's bits; all of them
+    (f16 K/V) change only rounding. Each fused entry point is reached as often as the model has places
+    for it."""
+    tokens = random_prompts([4], seed=1)[0]
+    with gpu_fusions.use("none"):
+        want = _logits(gpu_model, tokens, "q8_0")
+    assert calls == {}
+    with gpu_fusions.use(EXACT):
+        got = _logits(gpu_model, tokens, "q8_0")
+    assert torch.equal(got, want)
+    n = len(gpu_model.blocks)
+    # every layer: one K/V store, RoPE of q and k; on a GPU also Q rotated before attention and the output
+    # after it (a CPU tensor's rotation is the MLAS matmul of kv_quant.hadamard, never the butterfly)
+    rotations = {"hadamard": 2 * n} if DEVICE == "cuda" else {}
+    assert calls == {"store": n, "rope": 2 * n, **rotations}
+    # All of them, f16 K/V (a q8_0 code boundary would turn a float32 rounding difference into a step)
+    with gpu_fusions.use("none"):
+        want = _logits(gpu_model, tokens, "f16")
+    calls.clear()
+    with gpu_fusions.use("all"):
+        approx = _logits(gpu_model, tokens, "f16")
+    rel = float((approx.double() - want.double()).norm() / want.double().norm())
+    assert rel < 1e-4  # CPU interpreter: 3e-7
+    # per layer 4 block norms + the q and k head norms and one GeGLU; plus the final norm; no rotation
+    assert calls == {"store": n, "rope": 2 * n, "rms_norm": 6 * n + 1, "geglu": n}
