@@ -184,7 +184,7 @@ def matmul_rows(tab: Table, dev, gen):
 
         calls = max(len(ws), 20)
 
-        def call(x, rows=1, red=True):
+        def call(x, rows=1, red=True, ws=ws, c=c, counters=counters, it=it):
             wi = ws[next(it) % len(ws)]
             return triton_gemv.launch(wi, x, kernel="gemv", block_n=c.block_n, block_k=c.block_k, split_k=c.split_k,
                                       num_warps=c.num_warps, num_stages=c.num_stages, out_dtype=torch.float32,
@@ -209,7 +209,7 @@ def matmul_rows(tab: Table, dev, gen):
             tab.add("multirow", f"{name} {n}x{k} M={m}", LAYERS, before, after, same(multi, alone) + " vs rows alone")
             if m == 2:
                 saved_2 += LAYERS * (before[0] - after[0])
-        del ws, w
+        ws = w = call = None  # the copies go before the next shape's
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     nv = 262144 if not SMOKE else 512

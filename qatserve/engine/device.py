@@ -19,13 +19,13 @@ DEVICES = ("auto", "cpu", "cuda")
 def resolve_device(name: str | None = "auto") -> torch.device:
     """The torch device for a --device value: "auto" is the first CUDA GPU when CUDA and the Triton
     kernels are usable, else the CPU; "cuda" without a usable GPU is a RequestError."""
-    from qatserve.quant.kernels.gpu_matmul import gpu_available
-
     kind = (name or "auto").lower()
     if kind not in DEVICES and not kind.startswith("cuda:"):
         raise RequestError(f"unknown --device {name!r}; expected one of {', '.join(DEVICES)}")
-    if kind == "cpu":
-        return torch.device("cpu")
+    if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")  # before importing the kernels: Triton's import costs a CPU start 0.2-0.3 s
+    from qatserve.quant.kernels.gpu_matmul import gpu_available
+
     usable = torch.cuda.is_available() and gpu_available("cuda")
     if kind == "auto":
         return torch.device("cuda") if usable else torch.device("cpu")

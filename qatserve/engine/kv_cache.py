@@ -274,7 +274,7 @@ class PagedKVCache:
         fused launch (quant/kernels/triton_kv_store.py: the same bytes); elsewhere hadamard + write."""
         st = self.layers[layer]
         fused = gpu_fusions.kv_store(st)
-        if fused is not None and k.dtype in gpu_fusions.FLOAT_INPUTS and v.dtype == k.dtype:
+        if fused is not None and k.dtype == v.dtype == torch.float32:  # the models' activations
             fused.store(st.k, st.v, slots.to(st.k.device), k, v, self.options.type_k, self.options.type_v,
                         st.rot_k, st.rot_v)
             return

@@ -1,10 +1,10 @@
 """The fused GPU kernels (quant/kernels/gpu_fusions.py) as a model reaches them: the tiny Gemma 3 of
-conftest.py with the GPU backend, prompt logits with each fusion on against all of them off.
+conftest.py, prompt logits with the fusions on against all of them off.
 
-The bit-identical fusions (K/V store, Hadamard, RoPE, multi-row gemv, in-kernel split-K) must leave every
-logit's bits unchanged; RMSNorm and GeGLU only their rounding. Spies count the fused calls, so a fusion
-that silently stopped applying fails here. Without CUDA the kernels run on CPU tensors under Triton's
-interpreter (dispatch forced onto the CPU for the test); on a CUDA machine on the GPU.
+The bit-identical fusions (K/V store, Hadamard, RoPE) must leave every logit's bits unchanged; RMSNorm and
+GeGLU only their rounding. Spies count the fused calls, so a fusion that silently stopped applying fails
+here. Without CUDA the fused kernels run on the CPU model's tensors under Triton's interpreter (dispatch
+forced onto the CPU for the test; matmuls stay onnxruntime's); on a CUDA machine the GPU copy runs.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from qatserve.quant.kernels import gpu_fusions  # noqa: E402
+from qatserve.quant.kernels import gpu_fusions, kv_quant  # noqa: E402
 from qatserve.quant.kernels import triton_dense, triton_fused, triton_gemv, triton_kv_store  # noqa: E402
 from qatserve.quant.kernels import triton_qmatmul as Q  # noqa: E402
 from tests.engine.conftest import random_prompts  # noqa: E402
@@ -37,6 +37,11 @@ EXACT = "kv_store,hadamard,rope,splitk,multirow"
 
 @pytest.fixture(scope="module")
 def gpu_model(tiny_gemma3):
+    """On CUDA a GPU copy of the model; without it the CPU model itself (its onnxruntime matmuls are not
+    what is tested here and run in a blink, where the interpreted gemv would take seconds)."""
+    if DEVICE == "cpu":
+        yield tiny_gemma3.model
+        return
     from qatserve.engine.device import to_device
     from qatserve.engine.loader import load_model_file
 
@@ -51,6 +56,9 @@ def calls(monkeypatch):
     """Counts of the fused kernels' entry points; off CUDA, dispatch onto CPU tensors (interpreter)."""
     if DEVICE == "cpu":
         monkeypatch.setattr(gpu_fusions, "_gpu_ready", lambda t: True)
+        # The rotation a GPU runs unfused (the butterfly), not the CPU's MLAS matmul, so "fusions off" is
+        # the GPU's torch path here too and the K/V bytes must match bit for bit.
+        monkeypatch.setattr(kv_quant, "hadamard", lambda x, group=kv_quant.ROTATION_GROUP: kv_quant._butterfly(x, group))
     counts: dict[str, int] = {}
     for mod, name in ((triton_kv_store, "store"), (triton_kv_store, "hadamard"), (triton_fused, "rms_norm"),
                       (triton_fused, "rope"), (triton_fused, "geglu")):
@@ -69,8 +77,7 @@ def _logits(model, tokens, kv: str) -> torch.Tensor:
     from qatserve.engine.kv_cache import KVCacheOptions
     from qatserve.quant.kernels.gpu_matmul import row_kind
 
-    # The prompt plan: the interpreter runs it ~5x faster than the gemv (whose multi-row and split-K
-    # forms tests/unit/test_gpu_fusions.py checks bitwise).
+    # The prompt plan (GPU): the multi-row and split-K gemv are checked bitwise in tests/unit/test_gpu_fusions.py.
     with row_kind("prompt"):
         return score_tokens(model, tokens, KVCacheOptions(kv, kv))
 
@@ -88,7 +95,7 @@ def test_fusions_in_a_model_forward(gpu_model, calls):
     assert torch.equal(got, want)
     n = len(gpu_model.blocks)
     # every layer: one K/V store, RoPE of q and k; on a GPU also Q rotated before attention and the output
-    # after it (a CPU tensor's rotation is the MLAS matmul of kv_quant.hadamard, never the butterfly)
+    # after it (on the CPU the rotation is patched to the torch butterfly above)
     rotations = {"hadamard": 2 * n} if DEVICE == "cuda" else {}
     assert calls == {"store": n, "rope": 2 * n, **rotations}
     # All of them, f16 K/V (a q8_0 code boundary would turn a float32 rounding difference into a step)

@@ -204,7 +204,7 @@ def hadamard(x: torch.Tensor, group: int) -> torch.Tensor:
 
 def store(kbuf: torch.Tensor, vbuf: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
           type_k: str, type_v: str, rot_k: int, rot_v: int) -> None:
-    """Rotate (group rot_k / rot_v, 0 = none) and encode k [T, n_kv, DK], v [T, n_kv, DV] (float, last dim
+    """Rotate (group rot_k / rot_v, 0 = none) and encode k [T, n_kv, DK], v [T, n_kv, DV] (float32, last dim
     contiguous) into the cache buffers kbuf / vbuf [slots, n_kv, width] at slots [T] (int64): the bytes
     kv_quant.quantize_kv(kv_quant._butterfly(...)) would write there."""
     T, n_kv, dk = k.shape
