@@ -9,7 +9,6 @@ forced onto the CPU for the test; matmuls stay onnxruntime's); on a CUDA machine
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import torch
@@ -22,16 +21,11 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 from qatserve.quant.kernels import gpu_fusions, kv_quant  # noqa: E402
-from qatserve.quant.kernels import triton_dense, triton_fused, triton_gemv, triton_kv_store  # noqa: E402
-from qatserve.quant.kernels import triton_qmatmul as Q  # noqa: E402
+from qatserve.quant.kernels import triton_fused, triton_kv_store  # noqa: E402
+from tests.triton_interp import kernels_device  # noqa: E402
 from tests.engine.conftest import random_prompts  # noqa: E402
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    for _m, _kernel in ((triton_gemv, "_gemv_kernel"), (triton_dense, "_dense_gemv_kernel"),
-                        (triton_kv_store, "_kv_store_kernel"), (triton_fused, "_rms_norm_kernel")):
-        if type(getattr(_m, _kernel)).__name__ != "InterpretedFunction":
-            importlib.reload(_m)  # imported earlier in this session without the interpreter
-DEVICE = "cpu" if Q.interpreting() else "cuda"
+DEVICE = kernels_device()
 EXACT = "kv_store,hadamard,rope,splitk,multirow"
 
 

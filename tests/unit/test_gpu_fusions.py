@@ -15,7 +15,6 @@ small sizes. Skips without Triton.
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import torch
@@ -37,14 +36,9 @@ from qatserve.quant import blocks  # noqa: E402
 from qatserve.quant.kernels import gpu_fusions, kv_quant  # noqa: E402
 from qatserve.quant.kernels import gpu_layout as L  # noqa: E402
 from qatserve.quant.kernels import triton_dense, triton_fused, triton_gemv, triton_kv_store  # noqa: E402
-from qatserve.quant.kernels import triton_qmatmul as Q  # noqa: E402
+from tests.triton_interp import kernels_device  # noqa: E402
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    for _m, _kernel in ((triton_gemv, "_gemv_kernel"), (triton_dense, "_dense_gemv_kernel"),
-                        (triton_kv_store, "_kv_store_kernel"), (triton_fused, "_rms_norm_kernel")):
-        if type(getattr(_m, _kernel)).__name__ != "InterpretedFunction":
-            importlib.reload(_m)  # imported earlier in this session without the interpreter
-DEVICE = "cpu" if Q.interpreting() else "cuda"
+DEVICE = kernels_device()
 CUDA = DEVICE == "cuda"
 GGUF_TYPES = {"q8_0": T.Q8_0, "q4_0": T.Q4_0}
 
