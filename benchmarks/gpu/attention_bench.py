@@ -40,13 +40,11 @@ if SMOKE:
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from gpu_timing import REPLAYS, ROOF, ROTATE_BYTES, ceilings, elapsed_s, sync  # noqa: E402
 
 from qatserve.quant.kernels import kv_quant  # noqa: E402
 from qatserve.quant.kernels import triton_attention as A  # noqa: E402
 
-ROOF = 3.0e12
-REPLAYS = 15
-ROTATE_BYTES = 256 << 20  # > 5x the H100's L2
 MAX_POOL_BYTES = 12 << 30  # K + V pool of one configuration
 BS = A.BLOCK_N
 
@@ -61,37 +59,6 @@ KINDS = ["f16", "q8_0", "q4_0"]
 # --smoke: tiny stand-ins of each layer kind (the same code paths, in the interpreter)
 SMOKE_SHAPES = [("tiny", "full", 2, 2, 64, 0, 0.125), ("tiny", "sliding", 2, 2, 64, 64, 0.125),
                 ("tiny", "full-g8", 1, 8, 128, 0, 1.0)]
-
-
-def sync(dev) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def elapsed_s(fn, dev) -> float:
-    if dev.type != "cuda":
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    fn()
-    e1.record()
-    torch.cuda.synchronize()
-    return e0.elapsed_time(e1) * 1e-3
-
-
-def ceilings(dev) -> tuple[float, float]:
-    """(copy, read) bytes/s on 1 GiB buffers: copy counts bytes read + written."""
-    n = 1 << (20 if SMOKE else 28)
-    a = torch.randn(n, device=dev)
-    b = torch.empty_like(a)
-
-    def med(fn):
-        fn()
-        sync(dev)
-        return statistics.median(elapsed_s(fn, dev) for _ in range(10))
-    return 2 * 4 * n / med(lambda: b.copy_(a)), 4 * n / med(lambda: a.sum())
 
 
 def random_pool(kind: str, slots: int, n_kv: int, d: int, dev, gen) -> torch.Tensor:
@@ -285,7 +252,7 @@ def main() -> None:
         p = torch.cuda.get_device_properties(dev)
         print(f"# {p.name}, {p.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
     t0 = time.time()
-    copy_bw, read_bw = ceilings(dev)
+    copy_bw, read_bw = ceilings(dev, SMOKE)
     print(f"# device-to-device copy {copy_bw / 1e12:.2f} TB/s (read + write), read-only sum {read_bw / 1e12:.2f} TB/s; "
           f"roofline used: {ROOF / 1e12:.1f} TB/s\n")
     gen = torch.Generator(device=dev).manual_seed(0)

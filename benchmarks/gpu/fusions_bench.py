@@ -41,7 +41,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
-import gemv_bench as GB  # noqa: E402  (make, clones, elapsed_s: the same timing rules as the gemv table)
+import gemv_bench as GB  # noqa: E402  (make, clones, reference: the gemv table's weights)
+from gpu_timing import REPLAYS, elapsed_s, sync  # noqa: E402  (the same timing rules as the gemv table)
 from qatserve.models.common import Rope  # noqa: E402
 from qatserve.quant.kernels import gpu_fusions, kv_quant  # noqa: E402
 from qatserve.quant.kernels import gpu_layout as L  # noqa: E402
@@ -51,7 +52,6 @@ from qatserve.quant.kernels import triton_qmatmul as Q  # noqa: E402
 LAYERS = 62
 E, H, HKV, D, FF = (5376, 32, 16, 128, 21504) if not SMOKE else (512, 4, 2, 64, 384)
 ROT_K, ROT_V = (128, 64) if not SMOKE else (64, 64)
-REPLAYS = 15
 
 
 def time_us(fn, calls: int, graph: bool = True) -> tuple[float, bool]:
@@ -61,7 +61,7 @@ def time_us(fn, calls: int, graph: bool = True) -> tuple[float, bool]:
     calls = 1 if SMOKE else calls
     fn()
     fn()
-    GB.sync(dev)
+    sync(dev)
 
     def body():
         for _ in range(calls):
@@ -81,9 +81,9 @@ def time_us(fn, calls: int, graph: bool = True) -> tuple[float, bool]:
         except Exception:  # noqa: BLE001 - time the plain loop instead
             torch.cuda.synchronize()
     run()
-    GB.sync(dev)
+    sync(dev)
     reps = 2 if SMOKE else REPLAYS
-    return statistics.median(GB.elapsed_s(run, dev) * 1e6 / calls for _ in range(reps)), captured or SMOKE
+    return statistics.median(elapsed_s(run, dev) * 1e6 / calls for _ in range(reps)), captured or SMOKE
 
 
 class Table:

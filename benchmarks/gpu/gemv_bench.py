@@ -37,14 +37,12 @@ if SMOKE:
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from gpu_timing import REPLAYS, ROOF, ROTATE_BYTES, ceilings, elapsed_s, sync  # noqa: E402
 
 from qatserve.quant.kernels import gpu_layout as L  # noqa: E402
 from qatserve.quant.kernels import triton_gemv as G  # noqa: E402
 from qatserve.quant.kernels import triton_qmatmul as Q  # noqa: E402
 
-ROOF = 3.0e12
-REPLAYS = 15
-ROTATE_BYTES = 256 << 20  # > 5x the H100's L2
 Q4_0, Q5_0, Q8_0, Q4_K, Q6_K = L.Q4_0, L.Q5_0, L.Q8_0, L.Q4_K, L.Q6_K
 
 # (model, matrix, fmt, N, K): the weight matrices one decode step reads (torch order: N = out rows).
@@ -70,38 +68,6 @@ def cfg_str(c: Q.Config, K: int) -> str:
     bk, split = G.plan_k(K, c.block_k, c.split_k or 1)
     m = f"x{c.block_m}" if c.kernel == "dot" else ""
     return f"{c.block_n}x{bk}{m}/w{c.num_warps}/s{c.num_stages}/k{split}"
-
-
-def elapsed_s(fn, dev) -> float:
-    """Seconds one fn() takes: CUDA events around it on a GPU, the host clock on the CPU (--smoke)."""
-    if dev.type != "cuda":
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    fn()
-    e1.record()
-    torch.cuda.synchronize()
-    return e0.elapsed_time(e1) * 1e-3
-
-
-def sync(dev) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def ceilings(dev) -> tuple[float, float]:
-    """(copy, read) bytes/s on 1 GiB buffers: copy counts bytes read + written."""
-    n = 1 << (20 if SMOKE else 28)
-    a = torch.randn(n, device=dev)
-    b = torch.empty_like(a)
-
-    def med(fn):
-        fn()
-        sync(dev)
-        return statistics.median(elapsed_s(fn, dev) for _ in range(10))
-    return 2 * 4 * n / med(lambda: b.copy_(a)), 4 * n / med(lambda: a.sum())
 
 
 def make(qt, n, k, dev, seed=0) -> L.PackedWeights:
@@ -312,7 +278,7 @@ def main() -> None:
         p = torch.cuda.get_device_properties(dev)
         print(f"# {p.name}, {p.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
     t0 = time.time()
-    copy_bw, read_bw = ceilings(dev)
+    copy_bw, read_bw = ceilings(dev, SMOKE)
     print(f"# device-to-device copy {copy_bw / 1e12:.2f} TB/s (read + write), read-only sum {read_bw / 1e12:.2f} TB/s; "
           f"roofline used: {ROOF / 1e12:.1f} TB/s\n")
     tab = Table(copy_bw, a.out)

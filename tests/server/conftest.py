@@ -130,17 +130,22 @@ def wait_slots_free(server: Server, within: float) -> float:
     raise AssertionError(f"a slot is still busy after {within} s: {request(server, 'GET', '/slots')[2]}")
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    # -b 128: a long prompt is read over several short steps, so a client can leave mid-prompt.
-    srv = Server(tmp_path_factory.mktemp("server"), "-np", "4", "-c", "4096", "-b", "128", "--max-queue", "64",
-                 "--timeout", "3", "-t", "2")
+def _running(srv: Server):
+    """A session fixture's body: the server ready for the tests, then stopped with a clean exit."""
     try:
         srv.wait_ready()
         yield srv
     finally:
         code = srv.stop()
         assert code == 0, f"server exit code {code}:\n{srv.log()}"
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    # -b 128: a long prompt is read over several short steps, so a client can leave mid-prompt.
+    srv = Server(tmp_path_factory.mktemp("server"), "-np", "4", "-c", "4096", "-b", "128", "--max-queue", "64",
+                 "--timeout", "3", "-t", "2")
+    yield from _running(srv)
 
 
 @pytest.fixture(scope="session")
@@ -151,9 +156,4 @@ def spec_server(tmp_path_factory):
     slot_dir.mkdir()
     srv = Server(tmp, "--lookup", "-np", "2", "-c", "2048", "-t", "2", "--slot-save-path", str(slot_dir))
     srv.slot_dir = slot_dir
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        code = srv.stop()
-        assert code == 0, f"server exit code {code}:\n{srv.log()}"
+    yield from _running(srv)
