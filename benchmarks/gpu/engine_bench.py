@@ -146,7 +146,7 @@ def main() -> int:
     ap.add_argument("-r", "--reps", type=int, default=3)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", type=Path, help="append the result as one JSON line")
-    ap.add_argument("--fusions", help="comma list of gpu_fusions settings to measure in turn (none, all, a+b)")
+    ap.add_argument("--fusions", help="comma list of gpu_fusions settings to measure in turn (none, default, all, a+b)")
     args = ap.parse_args()
     res = measure(args.model, args.pp, args.tg, args.slots, args.reps, args.device,
                   args.fusions.split(",") if args.fusions else None)

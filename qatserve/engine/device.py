@@ -1,8 +1,8 @@
 """Where a model runs: `--device auto|cpu|cuda`, and moving a built model onto a GPU.
 
 A model is always built on the CPU over the memory-mapped GGUF (models/ never see a device); `to_device`
-then uploads it without touching the model files: every QuantLinear / QuantEmbedding switches to its
-GPU backend (weights uploaded once, in the Triton kernels' layout), every plain tensor a module holds
+then uploads it without touching the model files: every QuantLinear / QuantEmbedding / ExpertFFN switches
+to its GPU backend (weights uploaded once, in the Triton kernels' layout; an MoE layer's experts stacked), every plain tensor a module holds
 (norm weights, scales) moves, and RoPE tables move. The model is marked with `run_device` and
 `gpu_kernels`, which the KV cache and the engine read (model_device, uses_gpu_kernels).
 """
@@ -50,12 +50,20 @@ def to_device(model: torch.nn.Module, device) -> torch.nn.Module:
     """Move a built model onto `device` in place (see the module docstring) and return it."""
     from qatserve.models.common import Rope
     from qatserve.quant.kernels import gpu_fusions
+    from qatserve.quant.experts import ExpertFFN
     from qatserve.quant.linear import QuantEmbedding, QuantLinear
 
     device = torch.device(device)
     gpu_fusions.active()  # a bad QATSERVE_GPU_FUSIONS: one RequestError now, not mid-step
     ropes: dict[int, Rope] = {}
+    inside: set[int] = set()  # the experts' own QuantLinears: ExpertFFN uploads them stacked, once
     for m in model.modules():
+        if id(m) in inside:
+            continue
+        if isinstance(m, ExpertFFN):
+            m.to_device(device)
+            inside.update(id(c) for c in m.modules() if c is not m)
+            continue
         if isinstance(m, QuantLinear):
             m.to_device(device)
             continue

@@ -9,8 +9,9 @@ The engine plans a step as rows of generating slots (first) and prompt chunks (a
   final norm, head) can be captured once per shape (rows B, key buckets S) as a CUDA graph and replayed;
   one host->device copy of the inputs per step. Shapes are captured lazily: the first step of a shape
   runs eagerly (compiling the Triton kernels it needs), the next one captures, later ones replay.
-  Anything that cannot be captured (a host sync: the MoE's expert loop, the torch q4_0 K/V quantiser's tie
-  check where the fused K/V store of kernels/triton_kv_store.py does not apply) turns
+  Anything that cannot be captured (a host sync: the MoE's per-expert loop, left only for expert formats
+  without the stacked kernels of quant/kernels/gpu_experts.py; the torch q4_0 K/V quantiser's tie check
+  where the fused K/V store of kernels/triton_kv_store.py does not apply) turns
   graphs off for the runner and the same code keeps running eagerly.
 - prompt rows, and generating rows with a draft to verify: `StepBatch` (engine/batch.py), eagerly.
 
@@ -204,10 +205,10 @@ class GPURunner:
 
     def _capturable(self) -> bool:
         """False where a known host sync would break capture (saves a failed capture)."""
-        from qatserve.models.gemma4_moe import Gemma4MoE
+        from qatserve.quant.experts import ExpertFFN
 
-        if any(isinstance(m, Gemma4MoE) for m in self.model.modules()):
-            return False  # the expert loop reads the routed ids on the host
+        if any(isinstance(m, ExpertFFN) and m.reads_ids_on_host for m in self.model.modules()):
+            return False  # an expert format without the stacked kernels: the loop reads the ids on the host
         if "q4_0" not in (self.cache.options.type_k, self.cache.options.type_v):
             return True
         # The torch q4_0 quantiser's tie check reads a flag back to the host; the fused store has none.

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from qatserve.models.common import fuse_linears, gelu_tanh_glu, rms_norm
 from qatserve.models.weights import WeightLoader
+from qatserve.quant.experts import ExpertFFN
 
 if TYPE_CHECKING:  # gemma4.py imports this module
     from qatserve.models.gemma4 import Gemma4Config
@@ -43,8 +44,8 @@ class Gemma4MoE(torch.nn.Module):
             gates = w.expert_linears(p + "ffn_gate_exps.weight", n_exp, e, ff)
             ups = w.expert_linears(p + "ffn_up_exps.weight", n_exp, e, ff)
             gate_up = [fuse_linears([g, u]) for g, u in zip(gates, ups)]
-        self.gate_up = torch.nn.ModuleList(gate_up)
-        self.down = torch.nn.ModuleList(w.expert_linears(p + "ffn_down_exps.weight", n_exp, ff, e))
+        # The backend (host loop, or stacked GPU kernels after to_device) is the container's business.
+        self.ffn = ExpertFFN(gate_up, w.expert_linears(p + "ffn_down_exps.weight", n_exp, ff, e))
 
     def route(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """r [T, n_embd] residual -> (weights [T, k] float32, expert ids [T, k])."""
@@ -61,12 +62,7 @@ class Gemma4MoE(torch.nn.Module):
 
     def experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, n_embd] (pre_ffw_norm_2 applied) -> weighted sum of the chosen experts [T, n_embd]."""
-        out = torch.zeros_like(x)
-        for e in ids.unique().tolist():  # ascending, as HF's loop: same summation order
-            rows, slot = (ids == e).nonzero(as_tuple=True)
-            y = self.down[e](gelu_tanh_glu(*self.gate_up[e](x[rows]).chunk(2, dim=-1)))
-            out.index_add_(0, rows, y * weights[rows, slot, None].to(y.dtype))
-        return out
+        return self.ffn(x, weights, ids, gelu_tanh_glu)
 
     def forward(self, dense: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """dense [T, n_embd] (dense MLP output), r [T, n_embd] (residual after attention) -> [T, n_embd]."""

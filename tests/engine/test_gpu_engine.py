@@ -144,6 +144,22 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+# q8_0 K/V: the GPU's small float differences (fp16 dots, tf32) move some K/V (and rounded Q) values across
+# a q8_0 code boundary, and each flip is a whole code step. The tiny random Gemma 4 models are very
+# sensitive to that: q8_0 K/V moves their CPU logits by 18% (dense k=v) and 28% (PLE) of their norm,
+# against 1.1% for the Gemma 3 one. So the check is relative to that effect: the GPU's q8_0 logits sit
+# within a share of it from the CPU's q8_0 logits. A wiring error (V or K left unquantised, a wrong
+# rotation) moves them by the whole effect or more. H100, 2026-11-23, largest share seen: exact plan 0.25
+# (gemma3: 2.7e-3 of 1.1e-2; gemma4: 0.13-0.21), prompt plan 0.64 (gemma3: 7.1e-3; gemma4 dense: 0.52).
+Q8_0_SHARE = {"exact": 0.35, "prompt": 0.8}
+
+
+def _assert_q8_0_close(got: torch.Tensor, want_q8: torch.Tensor, want_f32: torch.Tensor, share: float) -> None:
+    effect = _rel(want_q8, want_f32)
+    assert effect > 1e-3  # the cache really was q8_0 on the CPU side
+    assert _rel(got, want_q8) < share * effect, (_rel(got, want_q8), effect)
+
+
 @needs_cuda
 @pytest.mark.parametrize("kv", ["f32", "f16", "q8_0"])
 def test_gpu_prompt_logits_match_cpu(pair, kv):
@@ -160,8 +176,11 @@ def test_gpu_prompt_logits_match_cpu(pair, kv):
     opts = KVCacheOptions(kv, kv)
     want, got = score_tokens(cpu.model, tokens, opts), score_tokens(gpu.model, tokens, opts)
     assert got.device.type == "cpu" and got.shape == want.shape
-    # q8_0 K/V: a K value on the other side of a rounding boundary lands in a different code.
-    assert _rel(got, want) < PROMPT[name] * (3 if kv == "q8_0" else 1)
+    print(f"{name} {kv}: rel {_rel(got, want):.2e}")
+    if kv == "q8_0":
+        _assert_q8_0_close(got, want, score_tokens(cpu.model, tokens), Q8_0_SHARE["prompt"])
+    else:
+        assert _rel(got, want) < PROMPT[name]
 
 
 @needs_cuda
@@ -223,20 +242,28 @@ def test_gpu_batch_invariance_and_graphs_equal_eager(pair):
 
 
 @needs_cuda
-def test_gpu_exact_matmul_plan_logits_match_cpu(pair):
+@pytest.mark.parametrize("kv", ["f32", "q8_0"])
+def test_gpu_exact_matmul_plan_logits_match_cpu(pair, kv):
     """The same prompt with every matmul on the float32 decode plan (no tf32): what is left is the paged
-    kernels' fp16 dots, so the model wiring on the GPU is the CPU's to ~1e-3."""
+    kernels' fp16 dots, so the model wiring on the GPU is the CPU's to ~1e-3 (q8_0 K/V: a few K values on
+    the other side of a code boundary, hence 3x)."""
     from qatserve.engine.generate import score_tokens
+    from qatserve.engine.kv_cache import KVCacheOptions
     from qatserve.quant.kernels.gpu_matmul import row_kind
 
     name, cpu, gpu = pair
     if name not in EXACT:
         pytest.skip(MOE_FLIPS)
     tokens = _prompts([70])[0]
-    want = score_tokens(cpu.model, tokens)
+    opts = KVCacheOptions(kv, kv)
+    want = score_tokens(cpu.model, tokens, opts)
     with row_kind("decode"):
-        got = score_tokens(gpu.model, tokens)
-    assert _rel(got, want) < EXACT[name]
+        got = score_tokens(gpu.model, tokens, opts)
+    print(f"{name} {kv}: rel {_rel(got, want):.2e}")
+    if kv == "q8_0":
+        _assert_q8_0_close(got, want, score_tokens(cpu.model, tokens), Q8_0_SHARE["exact"])
+    else:
+        assert _rel(got, want) < EXACT[name]
 
 
 @needs_cuda
@@ -247,9 +274,7 @@ def test_gpu_q4_0_kv_decodes_in_cuda_graphs(pair):
     from qatserve.engine.kv_cache import KVCacheOptions
     from qatserve.engine.sampler import SamplingParams
 
-    name, _, gpu = pair
-    if name == "gemma4-moe":
-        pytest.skip("the MoE's expert loop keeps graphs off")
+    name, _, gpu = pair  # gemma4-moe too: its experts run the stacked kernels (quant/kernels/gpu_experts.py)
     prompts = _prompts([9, 30], seed=7)
 
     def run(graphs: bool):
@@ -259,6 +284,9 @@ def test_gpu_q4_0_kv_decodes_in_cuda_graphs(pair):
         e.run_until_done()
         return [r.result.tokens for r in reqs], e
 
-    tokens, e = run(True)
-    assert e.gpu.graphs and e.gpu.n_replays > 0
-    assert run(False)[0] == tokens
+    from qatserve.quant.kernels import gpu_fusions
+
+    with gpu_fusions.use("default"):  # the kv_store fusion in it is what makes the step capturable
+        tokens, e = run(True)
+        assert e.gpu.graphs and e.gpu.n_replays > 0
+        assert run(False)[0] == tokens

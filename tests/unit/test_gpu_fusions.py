@@ -202,8 +202,9 @@ def _packed(qt, n: int, k: int, seed: int):
 
 @pytest.mark.parametrize("qt, ms", [(T.Q4_0, (2, 3, 8)), (T.Q6_K, (3,))], ids=["Q4_0", "Q6_K"])
 def test_multirow_gemv_rows_equal_the_row_alone(qt, ms):
-    """Rows 1..8 of a call: bitwise the one-row results (groups of MAX_ROWS, a masked tail), split-K
-    summed in the kernel; float64 agreement; the counters are zero again afterwards."""
+    """Rows 1..8 of a call at the rows per program the decode plan uses for the format (max_rows: 4 for
+    Q4_0, groups and a masked tail; 1 for K-quants): bitwise the one-row results, split-K summed in the
+    kernel; float64 agreement; the counters are zero again afterwards."""
     k, n, m_max = 256, 24, max(ms)
     w, wd = _packed(qt, n, k, 7)
     x = torch.randn(m_max, k, generator=torch.Generator().manual_seed(8)).to(DEVICE)
@@ -211,14 +212,14 @@ def test_multirow_gemv_rows_equal_the_row_alone(qt, ms):
     counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
     alone = torch.cat([triton_gemv.launch(w, x[i : i + 1], counters=counters, **cfg) for i in range(m_max)])
     for m in ms:
-        rows = min(m, triton_gemv.MAX_ROWS)
+        rows = min(m, triton_gemv.max_rows(w.fmt))
         y = triton_gemv.launch(w, x[:m], rows=rows, counters=counters, **cfg)
         assert torch.equal(y, alone[:m]), f"{m} rows, {rows} per program"
     assert int(counters.abs().sum()) == 0
     want = x.cpu().double() @ wd.T
     assert float((alone.cpu().double() - want).norm() / want.norm()) < 1e-5
     # the torch sum of the same partials agrees to float32 rounding (bitwise only where it sums in order)
-    torch_sum = triton_gemv.launch(w, x, rows=min(m_max, triton_gemv.MAX_ROWS), **cfg)
+    torch_sum = triton_gemv.launch(w, x, rows=min(m_max, triton_gemv.max_rows(w.fmt)), **cfg)
     assert float((torch_sum.cpu().double() - want).norm() / want.norm()) < 1e-5
 
 
@@ -269,6 +270,15 @@ def test_fusion_switches(monkeypatch):
     monkeypatch.setattr(gpu_fusions, "_on", None)
     monkeypatch.setenv("QATSERVE_GPU_FUSIONS", "rope, geglu")
     assert gpu_fusions.active() == ("rope", "geglu")
+    # unset: every fusion but multirow (measured slower on the H100); "default" names the same set
+    monkeypatch.setattr(gpu_fusions, "_on", None)
+    monkeypatch.delenv("QATSERVE_GPU_FUSIONS")
+    default = ("kv_store", "hadamard", "rms_norm", "rope", "geglu", "splitk")
+    assert gpu_fusions.active() == default
+    with gpu_fusions.use("all"):
+        assert gpu_fusions.active() == default + ("multirow",)
+    with gpu_fusions.use("default"):
+        assert gpu_fusions.active() == default
     monkeypatch.setattr(gpu_fusions, "_on", None)
     monkeypatch.setenv("QATSERVE_GPU_FUSIONS", "rope,fast")
     with pytest.raises(RequestError, match="unknown GPU fusion 'fast'"):

@@ -363,12 +363,14 @@ MAX_ROWS = 4  # rows one gemv program holds (one accumulator each)
 
 
 def max_rows(fmt) -> int:
-    """Rows per gemv program for a format (any value gives the same bits; this is speed only). sm_90a
-    builds with float32 x (benchmarks/gpu/fusions_sass.py, gemv_sass.py --rows --x fp32), Triton 3.6 as on
-    the H100 image: 1 row 80-167 registers; 2-3 rows ~255 without spills (2 programs per SM); 4 rows spill
-    32-64 B for Q4_0/Q4_1 and fit for the others; 8 rows spill kilobytes. To be settled by
-    fusions_bench.py's multirow rows on the H100."""
-    return MAX_ROWS
+    """Rows per gemv program the decode plan uses for a format. Q4_0-style formats: MAX_ROWS (the H100
+    showed each row's bits equal to the row alone at 2, 3 and 8 rows). K-quants: 1, because on sm_90 the
+    3-row Q6_K program's bits differed from the 1-row program's (the larger program is scheduled and
+    contracted differently), which would break batch invariance. Registers (benchmarks/gpu/
+    fusions_sass.py, Triton 3.6): 1 row 80-167; 2-3 rows ~255 without spills; 4 rows spill 32-64 B for
+    Q4_0/Q4_1. Speed: on the H100 the multi-row gemv measured 0.8-1.1x the one-row plan at 27B shapes
+    (fusions_bench.py), which is why gpu_fusions leaves `multirow` off by default."""
+    return 1 if fmt.kquant else MAX_ROWS
 
 
 def counters_needed(M: int, N: int, block_n: int, rows: int) -> int:
