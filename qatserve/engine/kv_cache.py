@@ -302,7 +302,14 @@ class PagedKVCache:
 
 def _buffer(slots: int, n_kv: int, d: int, kind: str, device=None) -> torch.Tensor:
     width = kv_quant.kv_row_bytes(kind, d) if kind in kv_quant.QUANTISED_KV_TYPES else d
-    return torch.zeros((slots, n_kv, width), dtype=kv_quant.kv_storage_dtype(kind), device=device)
+    dtype = kv_quant.kv_storage_dtype(kind)
+    if device is None or torch.device(device).type == "cpu":
+        # Zeroed by the OS on first touch (numpy's calloc) instead of filled here: torch.zeros fills on the
+        # intra-op pool, and on a busy 2-core machine the server's start waited up to 0.5 s for that pool's
+        # second thread (and for the GIL back from the kernel-building thread) across the layers' buffers.
+        n = slots * n_kv * width * torch.empty((), dtype=dtype).element_size()
+        return torch.from_numpy(np.zeros(n, np.uint8)).view(dtype).view(slots, n_kv, width)
+    return torch.zeros((slots, n_kv, width), dtype=dtype, device=device)
 
 
 def kv_windows(model, n_layer: int) -> list[int]:

@@ -28,9 +28,10 @@ from gguf import GGMLQuantizationType as T
 
 from . import blocks
 from .kernels.cpu import ACCURACY_LEVEL  # MatMulNBits' accuracy_level (kernels/cpu.py says why 4)
+# Matrices with at least BIG_MATRIX weights get an intra-op pool (hand-off cost is amortised). Defined
+# beside the kernels: the server picks the threads of the kernels it queues before torch is imported.
+from .kernels.cpu import BIG_MATRIX
 
-# Matrices with at least this many weights get an intra-op pool (hand-off cost is amortised).
-BIG_MATRIX = 8 * 1024 * 1024
 # Batches of at least this many rows are split across the Python thread pool.
 SPLIT_ROWS = 16
 

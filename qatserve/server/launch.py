@@ -4,15 +4,26 @@ Order, chosen so every expected start-up failure is one stderr line and a non-ze
 anything listens (faults 1-13: a bad model file never gets a listening server):
   1. flags -> ServerConfig / EngineConfig (RequestError);
   2. bind the socket, not yet listening (port in use -> ServerError);
-  3. memory-map and check the GGUF (GGUFError) before torch is imported, and start building the output
-     head's matmul kernel on a worker thread; build the model (ModelError) and start every other kernel on
-     a worker thread; build the tokenizer, allocate the engine's KV cache;
+  3. memory-map and check the GGUF (GGUFError) before torch is imported, and queue the kernels of the
+     output head and of every matrix no layer fuses for a worker thread; build the model (ModelError) and
+     start the other (fused) kernels on a worker thread; build the tokenizer, allocate the KV cache;
   4. listen, /health 503; wait for the kernels; start the engine; /health 200 and the "listening" line
      with the seconds from process start to ready.
 The kernel builds overlap the Python work (imports, tokenizer, HTTP stack) because onnxruntime and
 numpy release the GIL; nothing is deferred past ready.
 The figure is what a user waits for: process start until /health says 200 and the first request
 runs at full speed (kernels built), measured from the kernel's process start time (/proc).
+
+Where the time goes (default model, -t 2, the 2-core machine, main-thread CPU seconds; README has the
+wall figures): interpreter and CLI parser 0.3 (numpy and gguf imports), `import torch` 1.4-1.8,
+GGUF header 0.15 and tokenizer 0.3 (the 262k-string vocabulary), model 0.05, FastAPI + our routes
+and uvicorn 0.6 (FastAPI's import alone 0.4: pydantic builds its OpenAPI models), KV cache 0.01.
+All of it holds the GIL, so it is serial whatever the threads. Tried and measured, not kept:
+importing torch on one thread while another imports FastAPI, uvicorn, prometheus-client and jinja2
+(2.9-3.3 s wall against 2.4-2.8 s one after the other: the GIL serialises them, and the hand-offs cost);
+dlopen'ing libtorch_cpu.so through ctypes on a second thread ahead of `import
+torch` (saves ~0.45 s of main-thread CPU in a bare `import torch`, but in the server every other
+library load waits on the dynamic loader's lock, holding the GIL: no gain over 5 paired starts).
 """
 
 from __future__ import annotations
@@ -87,7 +98,7 @@ def serve(args) -> int:
 
     t_entry = seconds_since_process_start()
     # Before torch and the HTTP stack are imported: the port and the model file fail fast, and the
-    # output head's kernel builds on a worker thread while those imports hold the interpreter.
+    # kernels build on a worker thread while those imports hold the interpreter.
     sock = bind(args.host, args.port)
     gguf = None
     try:
@@ -123,21 +134,31 @@ def _engine_config(args):
                         keep_slots=args.slot_save_path is not None)
 
 
+# Matrices that no model here fuses with another (q|k|v and gate|up are concatenated into one kernel,
+# so theirs can only be built once the model exists): queued for the early kernel thread after the head.
+_EARLY_MATRICES = ("attn_output.weight", "ffn_down.weight")
+
+
 def _open_model(args):
-    """The model file mapped and checked (GGUFError), its output head's kernel started on a worker thread
-    (the biggest matrix: half the default model's kernel work); the model's head layer takes it
-    (quant/kernels/cpu.py, build_early). The head is `output.weight`, or the token embeddings when the
-    file ties them; a model that uses that tensor otherwise just builds its own kernel."""
+    """The model file mapped and checked (GGUFError), and kernels queued for a worker thread that builds
+    them while torch is imported (quant/kernels/cpu.py, build_early): first the output head's (the
+    biggest matrix: half the default model's kernel work), then every block's attention output and FFN
+    down projection; the model's layers take them. The head is `output.weight`, or the token embeddings
+    when the file ties them; a model that uses a tensor otherwise just builds its own kernel."""
     from qatserve.default_model import default_model_path
     from qatserve.formats.gguf_reader import open_gguf
     from qatserve.quant.kernels import cpu
 
     gguf = open_gguf(args.model or default_model_path())
-    name = "output.weight" if "output.weight" in gguf.tensors else "token_embd.weight"
-    info = gguf.tensors.get(name)
-    if info is not None and info.ggml_type in cpu.SUPPORTED and len(info.ne) == 2:
-        cpu.build_early(gguf.tensor_bytes(name), info.ggml_type, info.ne[0], info.ne[1],
-                        threads=args.threads or os.cpu_count() or 1)
+    threads = args.threads or os.cpu_count() or 1
+    head = "output.weight" if "output.weight" in gguf.tensors else "token_embd.weight"
+    names = [head] + [n for n in gguf.tensors if n.startswith("blk.") and n.endswith(_EARLY_MATRICES)]
+    for name in names:
+        info = gguf.tensors.get(name)
+        if info is not None and info.ggml_type in cpu.SUPPORTED and len(info.ne) == 2:
+            big = info.ne[0] * info.ne[1] >= cpu.BIG_MATRIX  # as QuantLinear.prepare picks its threads
+            cpu.build_early(gguf.tensor_bytes(name), info.ggml_type, info.ne[0], info.ne[1],
+                            threads=threads if big else 1)
     return gguf
 
 

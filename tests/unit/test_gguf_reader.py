@@ -289,6 +289,21 @@ def test_item05_strings(tmp_path):
     expect_error(tmp_path, build([kv("", V.UINT8, b"\0")]) + b"\0", "empty key", "offset 24")
 
 
+def test_string_arrays_decode_exactly(tmp_path):
+    # The vocabulary pass decodes all strings at once, joined by NUL; strings holding a NUL, empty ones and
+    # multi-byte UTF-8 must come back exactly, and a bad element must still be named by its index.
+    items = ["a", "", "caf\u00e9", "\u2581the", "x\x00y", "", "\U0001f600", "<0x00>"] + [f"t{i}" for i in range(300)]
+    f = open_gguf(write(tmp_path, build([kv("k", V.ARRAY, arr(V.STRING, items)), kv_u32("after", 7)])))
+    assert f.metadata["k"] == items and f.metadata["after"] == 7
+    f.close()
+    no_nul = [x for x in items if "\x00" not in x]
+    f = open_gguf(write(tmp_path, build([kv("k", V.ARRAY, arr(V.STRING, no_nul))])))
+    assert f.metadata["k"] == no_nul
+    f.close()
+    bad = struct.pack("<IQ", V.STRING, 3) + s("ok") + s(b"\xc3") + s("z")  # a UTF-8 sequence cut short
+    expect_error(tmp_path, build([kv("k", V.ARRAY, bad)]), "'k' value[1]", "invalid UTF-8")
+
+
 def test_item06_arrays(tmp_path):
     blob = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + s("k") + struct.pack("<IIQ", V.ARRAY, V.UINT32, 2**40)
     assert len(blob) == 49

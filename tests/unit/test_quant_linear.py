@@ -157,3 +157,25 @@ def test_fused_equals_concatenated_parts():
     assert rel_err(fused(x), ref) < 1e-3
     with pytest.raises(ValueError):
         L.QuantLinear.fused([parts[0], L.QuantLinear(random_blocks(T.Q4_K, 8, 256), T.Q4_K, 256, 8)])
+
+
+def test_early_kernels_are_taken_in_order_or_dropped():
+    # The server queues kernels before the model exists (kernels/cpu.py, build_early): a layer over the
+    # same bytes takes the very session built early; a dropped queue hands out nothing.
+    raws = [random_blocks(T.Q4_0, 64, 128, seed=i) for i in range(3)]
+    for raw in raws:
+        cpu.build_early(raw, T.Q4_0, 128, 64, threads=1)
+    layers = [L.QuantLinear(raw, T.Q4_0, 128, 64) for raw in raws]
+    taken = cpu.take_early(raws[1], T.Q4_0, 128, 64, L.ACCURACY_LEVEL, 1)
+    assert taken is not None
+    layers[1].prepare()  # its early session was just taken: it builds its own, equal one
+    x = torch.randn(3, 128)
+    y = taken.run(None, {"X": x.numpy()})[0]
+    assert np.array_equal(y, layers[1](x).numpy())
+    for raw in raws[:1]:
+        assert cpu.take_early(raw, T.Q4_0, 128, 64, L.ACCURACY_LEVEL, threads=2) is None  # other settings
+    cpu.drop_early()
+    assert cpu.take_early(raws[0], T.Q4_0, 128, 64, L.ACCURACY_LEVEL, 1) is None
+    assert cpu.take_early(raws[2], T.Q4_0, 128, 64, L.ACCURACY_LEVEL, 1) is None
+    layers[2].prepare()
+    assert np.allclose(layers[2](x).numpy(), reference(raws[2], T.Q4_0, x), atol=5e-2 * float(np.abs(reference(raws[2], T.Q4_0, x)).max()))

@@ -286,3 +286,21 @@ def test_rejects_bad_metadata(smol_meta):
         Tokenizer.from_gguf_metadata({k: v for k, v in smol_meta.items() if k != "tokenizer.ggml.merges"})
     with pytest.raises(TokenizerError):
         Tokenizer.from_gguf_metadata({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": []})
+
+
+def test_spm_duplicate_and_empty_pieces():
+    # llama.cpp's token_to_id keeps the last of duplicate texts; sentencepiece refuses duplicates and empty
+    # pieces, so the earlier copies (and empty ones) become unreachable pieces that keep their ids.
+    tokens = ["<unk>", "<end_of_turn>", "a", "b", "a", "ab", "", "<end_of_turn>", "\u2581"]
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.scores": np.arange(len(tokens), dtype=np.float32),
+            "tokenizer.ggml.token_type": np.array([2] + [1] * (len(tokens) - 1)),
+            "tokenizer.ggml.eos_token_id": 1, "tokenizer.ggml.add_bos_token": False}
+    tok = Tokenizer.from_gguf_metadata(meta)
+    assert tok.n_vocab == len(tokens)
+    assert tok.stop_ids == {1, 7}  # EOS, and the last "<end_of_turn>" (an end-of-generation text)
+    # (8 is U+2581, the escaped space that add_space_prefix puts in front)
+    assert tok.encode("a") == [8, 4] and tok.encode("ab") == [8, 5] and tok.encode("b a") == [8, 3, 8, 4]
+    assert tok.encode("<end_of_turn>") == [7]
+    with pytest.raises(TokenizerError, match="null character"):  # other refusals still name the reason
+        Tokenizer.from_gguf_metadata({**meta, "tokenizer.ggml.tokens": tokens[:-1] + ["x\x00"]})

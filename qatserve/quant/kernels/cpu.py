@@ -39,6 +39,10 @@ from gguf import GGMLQuantizationType as T
 # 8-bit kernel dequantises B per call: ~40x slower at batch 1). See benchmarks/cpu_matmul.py.
 ACCURACY_LEVEL = 4
 
+# Matrices with at least this many weights get an intra-op pool of set_cpu_threads(n) threads (the
+# hand-off cost is amortised); smaller ones single-threaded sessions (quant/linear.py says why).
+BIG_MATRIX = 8 * 1024 * 1024
+
 # qtype -> bytes per block, values per block (GGUF layout)
 _BLOCK = {T.Q4_0: (18, 32), T.Q4_1: (20, 32), T.Q5_0: (22, 32), T.Q5_1: (24, 32), T.Q8_0: (34, 32),
           T.Q4_K: (144, 256), T.Q5_K: (176, 256), T.Q6_K: (210, 256)}
@@ -220,11 +224,23 @@ def concat(ws: list[NBitsWeights]) -> NBitsWeights:
                         np.concatenate([w.packed for w in ws]), np.concatenate([w.scales for w in ws]), offs)
 
 
-# Sessions started before the model that will use them exists: the server starts the output head's (about
-# half of the default model's kernel work) on a worker thread while torch is being imported. Keyed by the
-# weight's memory (the mapped GGUF bytes) and everything the session depends on, so a layer over the same
-# bytes with the same settings takes it and anything else builds its own.
-_early: dict[tuple, tuple[threading.Thread, list]] = {}
+# Sessions started before the model that will use them exists: the server queues the output head's (about
+# half of the default model's kernel work) and the other matrices no layer fuses, and one worker thread
+# builds them in that order while torch is being imported. Keyed by the weight's memory (the mapped GGUF
+# bytes) and everything the session depends on, so a layer over the same bytes with the same settings takes
+# it and anything else builds its own.
+class _EarlyBuild:
+    __slots__ = ("args", "done", "result")
+
+    def __init__(self, args: tuple):
+        self.args = args                    # (raw, qtype, in_features, out_features, accuracy_level, threads)
+        self.done = threading.Event()
+        self.result = None                  # the session, or the exception its build raised
+
+
+_early: dict[tuple, _EarlyBuild] = {}
+_early_queue: list[_EarlyBuild] = []
+_early_worker: threading.Thread | None = None
 _early_lock = threading.Lock()
 
 
@@ -234,44 +250,59 @@ def _early_key(raw: np.ndarray, qtype, in_features: int, out_features: int, accu
             int(accuracy_level), int(threads))
 
 
+def _early_run() -> None:
+    global _early_worker
+    while True:
+        with _early_lock:
+            if not _early_queue:
+                _early_worker = None
+                return
+            item = _early_queue.pop(0)
+        raw, qtype, in_features, out_features, accuracy_level, threads = item.args
+        try:
+            item.result = make_session(repack(raw, qtype, in_features, out_features), accuracy_level, threads)
+        except BaseException as e:  # the layer builds its own instead, and that reports the error
+            item.result = e
+        item.done.set()
+
+
 def build_early(raw: np.ndarray, qtype, in_features: int, out_features: int, *, threads: int,
                 accuracy_level: int = ACCURACY_LEVEL) -> None:
-    """Start repacking `raw` and building its session on a worker thread; `take_early` collects it.
-    The thread is not a daemon: the interpreter never exits under a running onnxruntime build."""
+    """Queue repacking `raw` and building its session for the one early worker thread (started on demand;
+    it exits when the queue is empty); `take_early` collects it. The thread is not a daemon: the
+    interpreter never exits under a running onnxruntime build."""
+    global _early_worker
     key = _early_key(raw, qtype, in_features, out_features, accuracy_level, threads)
-    box: list = []
-
-    def build() -> None:
-        try:
-            box.append(make_session(repack(raw, qtype, in_features, out_features), accuracy_level, threads))
-        except BaseException as e:  # the layer builds its own instead, and that reports the error
-            box.append(e)
-
-    worker = threading.Thread(target=build, name="qatserve-early-kernel")
     with _early_lock:
         if key in _early:
             return
-        _early[key] = (worker, box)
-    worker.start()
+        item = _early[key] = _EarlyBuild((raw, qtype, in_features, out_features, accuracy_level, threads))
+        _early_queue.append(item)
+        if _early_worker is None:
+            _early_worker = threading.Thread(target=_early_run, name="qatserve-early-kernel")
+            _early_worker.start()
 
 
 def take_early(raw: np.ndarray, qtype, in_features: int, out_features: int, accuracy_level: int,
                threads: int) -> ort.InferenceSession | None:
-    """The session `build_early` started for exactly this weight and these settings (waiting for it to
-    finish), or None."""
+    """The session `build_early` queued for exactly this weight and these settings (waiting for it to be
+    built), or None."""
     with _early_lock:
         item = _early.pop(_early_key(raw, qtype, in_features, out_features, accuracy_level, threads), None)
     if item is None:
         return None
-    worker, box = item
-    worker.join()
-    return box[0] if isinstance(box[0], ort.InferenceSession) else None
+    item.done.wait()
+    return item.result if isinstance(item.result, ort.InferenceSession) else None
 
 
 def drop_early() -> None:
-    """Forget early sessions no layer took (waiting for their builds), releasing their memory."""
+    """Forget early sessions no layer took, releasing their memory: queued builds are not run, the one
+    in progress is waited for."""
     with _early_lock:
-        items = list(_early.values())
         _early.clear()
-    for worker, _ in items:
+        for item in _early_queue:
+            item.done.set()  # result None: whoever waits on it builds its own
+        _early_queue.clear()
+        worker = _early_worker
+    if worker is not None:
         worker.join()
