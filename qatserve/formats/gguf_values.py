@@ -177,10 +177,12 @@ class Cursor:
     def _strings(self, n: int, what: str) -> list[str]:
         """n length-prefixed UTF-8 strings. The hot path of a 262k vocabulary: a lean pass first; anything
         wrong in it (truncation, bad UTF-8) is found again, and named, by the checked pass below."""
-        try:
-            out = self._strings_joined(n)
-        except (struct.error, UnicodeDecodeError, ValueError):
-            out = None
+        out = None
+        if 0 <= n <= (self.size - self.pos) // 8:  # each string takes 8 bytes at least: else the checked pass names it
+            try:
+                out = self._strings_joined(n)
+            except (struct.error, UnicodeDecodeError, ValueError, OverflowError):  # a length past any offset
+                out = None
         return out if out is not None else self._strings_checked(n, what)
 
     def _strings_joined(self, n: int) -> list[str] | None:
